@@ -1,0 +1,53 @@
+# dropmesh: `make run` sets up and starts the daemon on ./inbox; `make test` runs every check.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Debian packages: open3d's shared libraries, D-Bus and notify-send for notifications.
+APT_PACKAGES := libusb-1.0-0 libgl1 libegl1 libx11-6 libudev1 libgomp1 dbus dbus-daemon libnotify-bin
+# Only for `make bench`: COLMAP's own command line, the baseline the benchmarks compare to.
+BENCH_APT_PACKAGES := colmap
+
+.PHONY: run test lint bench demo sysdeps venv clean
+
+run: sysdeps venv
+	mkdir -p inbox results
+	$(BIN)/dropmesh run
+
+test: sysdeps venv lint
+	$(BIN)/pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; \
+	exit $$rc
+
+lint: venv
+	$(BIN)/ruff format --check daemon pipeline tests bench
+	$(BIN)/ruff check daemon pipeline tests bench
+	$(BIN)/mypy
+
+bench: sysdeps venv
+	@$(MAKE) --no-print-directory sysdeps APT_PACKAGES="$(BENCH_APT_PACKAGES)"
+	$(BIN)/python -m bench
+
+demo: venv
+	$(BIN)/dropmesh demo
+
+sysdeps:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  echo "installing Debian packages:$$missing"; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

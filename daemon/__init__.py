@@ -1,0 +1,1 @@
+"""dropmesh's service: ledger, inbox watcher, scheduler, worker processes, CLI."""

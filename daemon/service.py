@@ -1,0 +1,536 @@
+"""The daemon: inbox -> ledger -> one child process per stage -> exports -> notification."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_connections
+from pathlib import Path
+from typing import Any
+
+from daemon import requests
+from daemon.config import Config
+from daemon.db import LedgerError
+from daemon.ledger import ExportRecord, Ledger
+from daemon.models import Job
+from daemon.states import JobState, StageState
+from daemon.worker import Outcome, StageProcess, StageTask, kill_tree
+from pipeline import STAGES
+
+log = logging.getLogger("dropmesh")
+
+GPU_STAGES = frozenset({"features", "matching", "stereo"})
+CANCEL_POLL_S = 0.3
+
+
+class DaemonError(Exception):
+    pass
+
+
+def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """Exponential backoff with +-25 % jitter: base * 2^(attempt-1), capped."""
+    delay = min(max_s, base_s * (2 ** max(attempt - 1, 0)))
+    return float(max(0.0, delay * rng.uniform(0.75, 1.25)))
+
+
+@dataclass
+class Running:
+    job_id: str
+    project: str
+    spec: dict[str, Any]
+    attempt: int
+    stage: str = ""
+    proc: StageProcess | None = None
+    progress_written_at: float = 0.0
+    holds_gpu: bool = False
+    cancelling: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        notifier: Any | None = None,
+        clock: Callable[[], float] = time.time,
+        gpu_count: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.ledger: Ledger | None = None
+        self.running: dict[str, Running] = {}
+        self.stop_requested = threading.Event()
+        self.rng = random.Random()
+        self._lock_fd: int | None = None
+        self._notifier = notifier
+        self._gpu_count = gpu_count
+        self.gpu_busy = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def _acquire_lock(self) -> None:
+        path = self.cfg.home / ".dropmesh.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            holder = path.read_text().strip() if path.exists() else "?"
+            raise DaemonError(
+                f"another dropmesh daemon is already running on {self.cfg.home} ({holder})"
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def open(self) -> Ledger:
+        self.cfg.ensure_dirs()
+        self._acquire_lock()
+        try:
+            self.ledger = Ledger.open(self.cfg.url, create=True)
+        except LedgerError as exc:
+            raise DaemonError(str(exc)) from exc
+        return self.ledger
+
+    def gpu_count(self) -> int:
+        if self._gpu_count is None:
+            from daemon.devices import cuda_device_count
+
+            self._gpu_count = cuda_device_count() if self.cfg.device != "cpu" else 0
+        return self._gpu_count
+
+    def run(self, *, once: bool = False) -> int:
+        from daemon.notify import Notifier
+        from daemon.watcher import InboxWatcher
+
+        ledger = self.open()
+        self._install_signals()
+        self._recover(ledger)
+        notifier = self._notifier if self._notifier is not None else Notifier()
+        notify_thread = threading.Thread(
+            target=self._notify_loop, args=(notifier,), name="notify", daemon=True
+        )
+        if self.cfg.notify:
+            notify_thread.start()
+        watcher = InboxWatcher(
+            self.cfg.inbox, use_polling=self.cfg.use_polling, settle_s=self.cfg.settle_s
+        )
+        watcher.start()
+        log.info(
+            "watching %s (%s); ledger %s; results in %s; %d job(s) at a time; GPU: %s",
+            self.cfg.inbox,
+            watcher.mode,
+            self.cfg.url,
+            self.cfg.results,
+            self.cfg.max_jobs,
+            f"{self.gpu_count()} CUDA device(s)" if self.gpu_count() else "none, CPU only",
+        )
+        watcher.scan()
+        last_scan = time.monotonic()
+        last_beat = 0.0
+        last_cancel_poll = 0.0
+        deferred: dict[Path, float] = {}
+        try:
+            while not self.stop_requested.is_set():
+                now = time.monotonic()
+                for path in watcher.ready():
+                    if deferred.get(path, 0.0) > now:
+                        continue
+                    result = self.take_request(path)
+                    if result == "retry-later":
+                        deferred[path] = now + max(self.cfg.settle_s, 1.0)
+                    else:
+                        deferred.pop(path, None)
+                        watcher.forget(path)
+                if now - last_scan >= self.cfg.rescan_s:
+                    watcher.scan()
+                    last_scan = now
+                self._poll_children()
+                if now - last_cancel_poll >= CANCEL_POLL_S:
+                    self._check_cancels()
+                    last_cancel_poll = now
+                if now - last_beat >= self.cfg.heartbeat_s:
+                    ledger.heartbeat(list(self.running), self.worker)
+                    last_beat = now
+                self._start_jobs()
+                if once and not self.running and not watcher.pending and self._idle():
+                    log.info("queue drained; exiting (--once)")
+                    break
+                conns = [r.proc.conn for r in self.running.values() if r.proc is not None]
+                sentinels = [r.proc.proc.sentinel for r in self.running.values() if r.proc]
+                if conns:
+                    wait_connections([*conns, *sentinels], timeout=0.1)
+                else:
+                    self.stop_requested.wait(0.05)
+        finally:
+            self._shutdown()
+            watcher.stop()
+            if self.cfg.notify:
+                self.stop_requested.set()
+                notify_thread.join(timeout=3)
+        return 0
+
+    def _install_signals(self) -> None:
+        def _stop(signum: int, _frame: Any) -> None:
+            log.info("received %s; stopping (jobs will resume)", signal.Signals(signum).name)
+            self.stop_requested.set()
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _stop)
+            signal.signal(signal.SIGINT, _stop)
+
+    def _idle(self) -> bool:
+        assert self.ledger is not None
+        counts = self.ledger.count_by_state()
+        if counts.get(JobState.QUEUED.value, 0) or counts.get(JobState.RUNNING.value, 0):
+            return False
+        # Waiting jobs count only when their retry is due soon enough to wait for.
+        return not counts.get(JobState.WAITING.value, 0)
+
+    def _recover(self, ledger: Ledger) -> None:
+        """We hold the home lock, so every running job belongs to a daemon that died."""
+        for job_id, stage, pid in ledger.running_stage_pids():
+            if kill_tree(pid, 0.5, expect_name="multiprocessing"):
+                log.warning("stopped a leftover %s process (pid %d) of job %s", stage, pid, job_id)
+        for job_id in ledger.recover(worker=self.worker):
+            log.info("job %s: resuming after the previous daemon stopped", job_id)
+            self._job_log(job_id, "resuming after the previous daemon stopped")
+
+    def _shutdown(self) -> None:
+        if not self.running or self.ledger is None:
+            return
+        for run in list(self.running.values()):
+            if run.proc is not None:
+                run.proc.kill_tree(grace_s=1.0)
+        for run in list(self.running.values()):
+            self.ledger.stage_failed(run.job_id, run.stage, "interrupted", StageState.PENDING)
+            self.ledger.transition(
+                run.job_id,
+                JobState.RUNNING,
+                JobState.QUEUED,
+                event="daemon stopped; the job resumes at its next start",
+                worker=None,
+                attempts=max(run.attempt - 1, 0),
+            )
+            self._job_log(run.job_id, f"daemon stopped during stage {run.stage}; will resume")
+        self.running.clear()
+
+    # -- requests --------------------------------------------------------------------
+
+    def take_request(self, path: Path) -> str:
+        """Accept or reject one request file. Returns accepted | rejected | duplicate |
+        gone | retry-later."""
+        assert self.ledger is not None
+        if not path.exists():
+            return "gone"
+        try:
+            accepted = requests.parse(
+                path,
+                allowed_roots=self.cfg.allowed_roots,
+                max_bytes=self.cfg.max_request_bytes,
+            )
+        except requests.RequestError as exc:
+            try:
+                age = time.time() - path.stat().st_mtime
+            except OSError:
+                return "gone"
+            if age < max(2.0, self.cfg.settle_s * 2) and "not valid" in str(exc):
+                return "retry-later"  # maybe still being written
+            self._reject(path, str(exc))
+            return "rejected"
+        spec = accepted.spec
+        earlier = [
+            j for j in self.ledger.find_by_hash(accepted.content_hash) if j.state != "cancelled"
+        ]
+        if earlier and not accepted.force:
+            j = earlier[-1]
+            ws_request = self.cfg.workspace(j.id) / f"request{path.suffix.lower()}"
+            if j.request_name == path.name and not ws_request.exists():
+                # Accepted before a crash, but not yet moved out of the inbox.
+                self._move(path, ws_request)
+                return "accepted"
+            self._reject(
+                path,
+                f"the same request was already submitted as job {j.id} ({j.state}); "
+                "to run it again add `force = true` or use `dropmesh submit --force`",
+                duplicate=True,
+            )
+            return "duplicate"
+        job = self.ledger.create_job(
+            project=spec.project,
+            spec=spec.to_json(),
+            request_hash=accepted.content_hash,
+            request_name=path.name,
+            priority=accepted.priority,
+            max_attempts=self.cfg.max_attempts,
+        )
+        ws = self.cfg.workspace(job.id)
+        ws.mkdir(parents=True, exist_ok=True)
+        self._move(path, ws / f"request{path.suffix.lower()}")
+        log.info(
+            "job %s queued: project %s, %d images, %s quality -> %s",
+            job.id,
+            spec.project,
+            accepted.image_count,
+            spec.quality,
+            ", ".join(spec.formats),
+        )
+        self._job_log(job.id, f"queued from {path.name}: {accepted.image_count} images")
+        return "accepted"
+
+    def _move(self, src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+            src.unlink(missing_ok=True)
+
+    def _reject(self, path: Path, message: str, duplicate: bool = False) -> None:
+        assert self.ledger is not None
+        rejected = self.cfg.rejected
+        rejected.mkdir(parents=True, exist_ok=True)
+        dst = rejected / path.name
+        if dst.exists():
+            dst = rejected / f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}"
+            n = 1
+            while dst.exists():
+                n += 1
+                dst = rejected / f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}-{n}{path.suffix}"
+        self._move(path, dst)
+        (rejected / f"{dst.name}.error.txt").write_text(
+            f"{path.name} was not accepted:\n{message}\n\n"
+            "Fix the request and drop it into the inbox again.\n",
+            encoding="utf-8",
+        )
+        self.ledger.reject(path.name, message, notify=not duplicate)
+        log.warning("rejected %s: %s", path.name, message)
+
+    # -- scheduling ------------------------------------------------------------------
+
+    def _start_jobs(self) -> None:
+        assert self.ledger is not None
+        while len(self.running) < self.cfg.max_jobs and not self.stop_requested.is_set():
+            job = self.ledger.claim_next(self.worker)
+            if job is None:
+                return
+            self.running[job.id] = Running(
+                job_id=job.id, project=job.project, spec=dict(job.spec), attempt=job.attempts
+            )
+            self._job_log(job.id, f"attempt {job.attempts} of {job.max_attempts} started")
+            self._next_stage(self.running[job.id])
+
+    def _next_stage(self, run: Running) -> None:
+        assert self.ledger is not None
+        stages = self.ledger.stages(run.job_id)
+        todo = [s.name for s in stages if s.state != StageState.DONE.value]
+        if not todo:
+            self.ledger.transition(
+                run.job_id, JobState.RUNNING, JobState.SUCCEEDED, finished_at=time.time()
+            )
+            self.running.pop(run.job_id, None)
+            return
+        stage = todo[0]
+        uses_gpu = stage in GPU_STAGES and self.gpu_count() > 0
+        if uses_gpu and self.gpu_busy and not run.holds_gpu:
+            run.stage = stage
+            run.proc = None
+            return  # waits for the GPU slot; retried from _poll_children
+        if run.holds_gpu and not uses_gpu:
+            self.gpu_busy = run.holds_gpu = False
+        if uses_gpu and not run.holds_gpu:
+            self.gpu_busy = run.holds_gpu = True
+        ws = self.cfg.workspace(run.job_id)
+        ws.mkdir(parents=True, exist_ok=True)
+        task = StageTask(
+            pipeline=self.cfg.pipeline,
+            stage=stage,
+            spec=run.spec,
+            workspace=str(ws),
+            results_dir=str(self.cfg.results / run.project),
+            device=self.cfg.device if uses_gpu or self.cfg.device == "cpu" else "cpu",
+            threads=self.cfg.threads,
+            log_path=str(ws / "job.log"),
+        )
+        run.stage = stage
+        run.proc = StageProcess(task)
+        run.progress_written_at = 0.0
+        self.ledger.stage_started(run.job_id, stage, run.proc.pid, run.attempt)
+        self._job_log(run.job_id, f"stage {stage} started (pid {run.proc.pid})")
+        log.info("job %s: stage %s started", run.job_id, stage)
+
+    def _poll_children(self) -> None:
+        assert self.ledger is not None
+        for run in list(self.running.values()):
+            if run.proc is None:
+                self._next_stage(run)  # waiting for the GPU slot
+                continue
+            outcome = run.proc.poll()
+            if run.proc.progress is not None:
+                now = time.monotonic()
+                if now - run.progress_written_at >= 0.25 or outcome is not None:
+                    frac, msg = run.proc.progress
+                    self.ledger.stage_progress(run.job_id, run.stage, frac, msg)
+                    run.progress_written_at = now
+                    run.proc.progress = None
+            if outcome is None:
+                if time.monotonic() - run.proc.started > self.cfg.stage_timeout_s:
+                    run.proc.kill_tree()
+                    outcome = Outcome(
+                        "crashed",
+                        message=f"stage took longer than stage_timeout_s "
+                        f"({self.cfg.stage_timeout_s:.0f} s) and was stopped",
+                        transient=True,
+                    )
+                else:
+                    continue
+            self._finish_stage(run, outcome)
+
+    def _finish_stage(self, run: Running, outcome: Outcome) -> None:
+        assert self.ledger is not None
+        stage = run.stage
+        if run.cancelling or outcome.kind == "cancelled":
+            self._cancelled(run)
+            return
+        if outcome.kind == "done":
+            p = outcome.payload
+            last = stage == STAGES[-1]
+            exports = [ExportRecord(Path(path), fmt) for path, fmt in p.get("exports", [])]
+            self.ledger.stage_finished(
+                run.job_id,
+                stage,
+                metrics=p.get("metrics", {}),
+                device=p.get("device"),
+                peak_rss_mb=p.get("peak_rss_mb"),
+                exports=exports,
+                last=last,
+            )
+            self._job_log(run.job_id, f"stage {stage} done")
+            if last:
+                self._release(run)
+                files = ", ".join(e.path.name for e in exports) or "no files"
+                log.info("job %s succeeded: %s", run.job_id, files)
+                self._job_log(run.job_id, f"job succeeded: {files}")
+            else:
+                self._next_stage(run)
+            return
+        message = outcome.message + (f" ({outcome.hint})" if outcome.hint else "")
+        self._job_log(run.job_id, f"stage {stage} failed: {message}")
+        self.ledger.stage_failed(run.job_id, stage, message, StageState.FAILED)
+        job = self.ledger.get(run.job_id)
+        self._release(run)
+        if outcome.transient and job.attempts < job.max_attempts:
+            delay = backoff_delay(
+                job.attempts, self.cfg.retry_base_s, self.cfg.retry_max_s, self.rng
+            )
+            self.ledger.schedule_retry(run.job_id, stage, message, delay)
+            log.warning(
+                "job %s: stage %s failed (%s); retry %d of %d in %.0f s",
+                run.job_id,
+                stage,
+                message,
+                job.attempts + 1,
+                job.max_attempts,
+                delay,
+            )
+        else:
+            if outcome.transient:
+                message = f"{message}; gave up after {job.attempts} attempts"
+            self.ledger.fail(run.job_id, stage, message)
+            log.error("job %s failed at stage %s: %s", run.job_id, stage, message)
+
+    def _release(self, run: Running) -> None:
+        if run.holds_gpu:
+            self.gpu_busy = run.holds_gpu = False
+        self.running.pop(run.job_id, None)
+
+    # -- cancel ----------------------------------------------------------------------
+
+    def _check_cancels(self) -> None:
+        assert self.ledger is not None
+        for job_id in self.ledger.cancel_requested(list(self.running)):
+            run = self.running.get(job_id)
+            if run is None or run.cancelling:
+                continue
+            run.cancelling = True
+            log.info("job %s: cancelling stage %s", job_id, run.stage)
+            if run.proc is not None:
+                run.proc.kill_tree(grace_s=0.5)
+                run.proc.poll()
+            self._cancelled(run)
+
+    def _cancelled(self, run: Running) -> None:
+        assert self.ledger is not None
+        if run.stage:
+            self.ledger.stage_failed(run.job_id, run.stage, "cancelled", StageState.CANCELLED)
+            remove_stage_outputs(self.cfg.workspace(run.job_id), run.stage)
+        self.ledger.transition(
+            run.job_id,
+            JobState.RUNNING,
+            JobState.CANCELLED,
+            event=f"cancelled during stage {run.stage}",
+            finished_at=time.time(),
+            worker=None,
+            cancel_requested=False,
+        )
+        self._job_log(run.job_id, f"cancelled during stage {run.stage}")
+        self._release(run)
+
+    # -- notifications ---------------------------------------------------------------
+
+    def _notify_loop(self, notifier: Any) -> None:
+        assert self.ledger is not None
+        while not self.stop_requested.wait(0.5):
+            try:
+                self.flush_notifications(notifier)
+            except Exception:
+                log.exception("sending notifications failed; will try again")
+        try:
+            self.flush_notifications(notifier)
+        except Exception:
+            log.exception("sending notifications failed")
+
+    def flush_notifications(self, notifier: Any) -> int:
+        assert self.ledger is not None
+        sent = 0
+        for n in self.ledger.pending_notifications():
+            shown = bool(notifier.notify(n.title, n.body))
+            self.ledger.mark_notified(n.id, shown)
+            sent += 1
+        return sent
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _job_log(self, job_id: str, message: str) -> None:
+        ws = self.cfg.workspace(job_id)
+        try:
+            ws.mkdir(parents=True, exist_ok=True)
+            with open(ws / "job.log", "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} dropmesh: {message}\n")
+        except OSError as exc:
+            log.warning("cannot write the log of job %s: %s", job_id, exc)
+
+
+def remove_stage_outputs(workspace: Path, stage: str) -> None:
+    """Remove what a stage left behind: its folder and its temporary siblings."""
+    for p in [workspace / stage, *workspace.glob(f"{stage}.*"), *workspace.glob(f".{stage}*")]:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink(missing_ok=True)
+
+
+def job_row_summary(job: Job) -> str:
+    return f"{job.id} {job.project} {job.state}"

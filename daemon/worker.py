@@ -1,0 +1,243 @@
+"""One stage in one child process (spawn).
+
+A crash, an abort inside COLMAP, a timeout or a cancel kills only the child. The child
+reports progress and its result over a pipe; its stdout/stderr (COLMAP's own log
+included) go to the job's log file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import importlib
+import logging
+import multiprocessing as mp
+import os
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger("dropmesh.worker")
+
+_SPAWN = mp.get_context("spawn")
+PROGRESS_INTERVAL_S = 0.2
+
+
+@dataclass
+class StageTask:
+    pipeline: str  # module:function taking (stage_name, StageContext)
+    stage: str
+    spec: dict[str, Any]
+    workspace: str
+    results_dir: str
+    device: str
+    threads: int
+    log_path: str
+
+
+def load_runner(ref: str) -> Callable[..., Any]:
+    module, _, attr = ref.partition(":")
+    fn: Callable[..., Any] = getattr(importlib.import_module(module), attr or "run_stage")
+    return fn
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this child when the daemon dies (kill -9 included)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
+
+
+def classify(exc: BaseException) -> tuple[str, str, str | None]:
+    """(kind, message, hint) where kind is permanent | transient."""
+    from pipeline.errors import PermanentError, TransientError
+
+    if isinstance(exc, PermanentError):
+        return "permanent", exc.message, exc.hint
+    if isinstance(exc, TransientError):
+        return "transient", exc.message, exc.hint
+    if isinstance(exc, MemoryError):
+        return "transient", "out of memory", "close other programs or use a lower quality"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "transient", f"disk full: {exc}", "free some disk space"
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return "permanent", f"cannot write: {exc}", "check the folder's permissions"
+    text = f"{type(exc).__name__}: {exc}"
+    low = text.lower()
+    if "cuda" in low or "out of memory" in low or "bad_alloc" in low:
+        return "transient", text, None
+    return "permanent", text, "see `dropmesh logs` for details"
+
+
+def child_main(task: StageTask, conn: Connection) -> None:
+    _die_with_parent()
+    os.setpgid(0, 0)
+    fd = os.open(task.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {task.stage} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    cancel_flag = {"set": False}
+
+    def _on_term(_sig: int, _frame: Any) -> None:
+        cancel_flag["set"] = True
+
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    from pipeline import JobSpec, StageContext
+    from pipeline.errors import Cancelled
+
+    last = [0.0]
+
+    def progress(fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_INTERVAL_S or fraction >= 1.0:
+            last[0] = now
+            conn.send(("progress", float(fraction), str(message)))
+
+    ctx = StageContext(
+        spec=JobSpec.from_json(task.spec),
+        workspace=Path(task.workspace),
+        results_dir=Path(task.results_dir),
+        progress=progress,
+        cancelled=lambda: cancel_flag["set"],
+        device=task.device,
+        threads=task.threads,
+        log=logging.getLogger(f"pipeline.{task.stage}"),
+    )
+    try:
+        runner = load_runner(task.pipeline)
+        result = runner(task.stage, ctx)
+        payload = {
+            "metrics": dict(result.metrics),
+            "exports": [(str(e.path), e.format) for e in result.exports],
+            "device": result.device,
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+        conn.send(("done", payload))
+    except Cancelled:
+        conn.send(("cancelled",))
+    except BaseException as exc:  # report everything; the daemon decides
+        logging.getLogger("dropmesh.worker").exception("stage %s failed", task.stage)
+        kind, message, hint = classify(exc)
+        with contextlib.suppress(Exception):
+            conn.send(("error", kind, message, hint))
+    finally:
+        conn.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024.0
+
+
+@dataclass
+class Outcome:
+    kind: str  # done | error | cancelled | crashed
+    payload: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+    hint: str | None = None
+    transient: bool = False
+
+
+class StageProcess:
+    """The daemon's handle on a running stage child."""
+
+    def __init__(self, task: StageTask) -> None:
+        self.task = task
+        self.conn, child_conn = _SPAWN.Pipe(duplex=False)
+        self.proc = _SPAWN.Process(
+            target=child_main,
+            args=(task, child_conn),
+            name=f"dropmesh-{task.stage}",
+            daemon=False,
+        )
+        self.proc.start()
+        child_conn.close()
+        self.started = time.monotonic()
+        self.outcome: Outcome | None = None
+        self.progress: tuple[float, str] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc.pid is not None
+        return self.proc.pid
+
+    def poll(self) -> Outcome | None:
+        """Drain messages; return the outcome once the child has exited."""
+        try:
+            while self.conn.poll():
+                msg = self.conn.recv()
+                if msg[0] == "progress":
+                    self.progress = (msg[1], msg[2])
+                elif msg[0] == "done":
+                    self.outcome = Outcome("done", payload=msg[1])
+                elif msg[0] == "cancelled":
+                    self.outcome = Outcome("cancelled")
+                elif msg[0] == "error":
+                    self.outcome = Outcome(
+                        "error", message=msg[2], hint=msg[3], transient=msg[1] == "transient"
+                    )
+        except (EOFError, OSError):
+            pass
+        if self.proc.is_alive():
+            return None
+        self.proc.join()
+        if self.outcome is None:
+            code = self.proc.exitcode or 0
+            if code < 0:
+                name = signal.Signals(-code).name
+                why = "killed, probably out of memory" if -code == signal.SIGKILL else "crashed"
+                msg = f"stage process {why} ({name})"
+            else:
+                msg = f"stage process exited with status {code} without a result"
+            self.outcome = Outcome("crashed", message=msg, transient=True)
+        self.conn.close()
+        return self.outcome
+
+    def kill_tree(self, grace_s: float = 1.0) -> None:
+        """SIGTERM the child and everything it started; SIGKILL what is left after
+        grace_s."""
+        kill_tree(self.pid, grace_s)
+        self.proc.join(timeout=1)
+
+
+def kill_tree(pid: int, grace_s: float = 1.0, *, expect_name: str | None = None) -> bool:
+    try:
+        root = psutil.Process(pid)
+        if expect_name is not None and expect_name not in " ".join(root.cmdline()):
+            return False
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGTERM)
+    _gone, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=2)
+    return True

@@ -1,0 +1,181 @@
+"""Ledger behaviour every backend must share."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.db import LedgerError
+from daemon.ledger import ExportRecord, Ledger, NotFound
+from daemon.states import JobState, StageState, TransitionError
+from pipeline import STAGES
+
+
+def make(ledger: Ledger, project: str = "p", priority: int = 0, h: str = "h") -> str:
+    return ledger.create_job(
+        project=project,
+        spec={"project": project},
+        request_hash=h,
+        request_name=f"{project}.toml",
+        priority=priority,
+    ).id
+
+
+def test_new_job_is_queued_with_pending_stages(ledger: Ledger) -> None:
+    job_id = make(ledger)
+    job = ledger.get(job_id)
+    assert job.state == "queued" and job.attempts == 0
+    assert [s.name for s in ledger.stages(job_id)] == list(STAGES)
+    assert {s.state for s in ledger.stages(job_id)} == {"pending"}
+    assert ledger.events(job_id)[0].kind == "queued"
+
+
+def test_guarded_transition_has_one_winner(ledger: Ledger) -> None:
+    job_id = make(ledger)
+    assert ledger.transition(job_id, JobState.QUEUED, JobState.RUNNING)
+    assert not ledger.transition(job_id, JobState.QUEUED, JobState.RUNNING)
+    with pytest.raises(TransitionError):
+        ledger.transition(job_id, JobState.RUNNING, JobState.RUNNING)
+
+
+def test_claim_order_priority_then_age(ledger: Ledger) -> None:
+    a = make(ledger, "a")
+    time.sleep(0.01)
+    b = make(ledger, "b", priority=5)
+    time.sleep(0.01)
+    c = make(ledger, "c")
+    order = [ledger.claim_next("w").id for _ in range(3)]  # type: ignore[union-attr]
+    assert order == [b, a, c]
+    assert ledger.claim_next("w") is None
+
+
+def test_waiting_job_is_claimed_only_when_due(ledger: Ledger) -> None:
+    job_id = make(ledger)
+    ledger.claim_next("w")
+    ledger.schedule_retry(job_id, "features", "boom", delay_s=60)
+    assert ledger.claim_next("w") is None
+    assert ledger.claim_next("w", now=time.time() + 61).id == job_id  # type: ignore[union-attr]
+    assert ledger.get(job_id).attempts == 2
+
+
+def _claim_worker(url: str, name: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    led = Ledger.open(url)
+    got = []
+    while (job := led.claim_next(name)) is not None:
+        got.append(job.id)
+    out.put(got)
+
+
+def test_concurrent_claims_never_double_claim(ledger: Ledger, ledger_url: str) -> None:
+    ids = {make(ledger, f"p{i}", h=str(i)) for i in range(40)}
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_claim_worker, args=(ledger_url, f"w{i}", q)) for i in range(4)]
+    for p in procs:
+        p.start()
+    claimed = [j for _ in procs for j in q.get(timeout=60)]
+    for p in procs:
+        p.join()
+    assert sorted(claimed) == sorted(ids)
+
+
+def test_cancel_queued_and_running(ledger: Ledger) -> None:
+    queued = make(ledger, "a")
+    assert ledger.request_cancel(queued) == "cancelled"
+    running = make(ledger, "b", h="b")
+    ledger.claim_next("w")
+    assert ledger.request_cancel(running) == "cancelling"
+    assert ledger.cancel_requested([running, queued]) == {running}
+    assert ledger.get(running).state == "running"
+
+
+def test_success_records_exports_and_one_notification(ledger: Ledger, tmp_path: Path) -> None:
+    job_id = make(ledger)
+    ledger.claim_next("w")
+    f = tmp_path / "m.glb"
+    f.write_bytes(b"glTF" + b"\0" * 100)
+    ledger.stage_started(job_id, "export", pid=1, attempt=1)
+    ledger.stage_finished(
+        job_id,
+        "export",
+        metrics={},
+        device="cpu",
+        peak_rss_mb=10.0,
+        exports=[ExportRecord(f, "glb")],
+        last=True,
+    )
+    assert ledger.get(job_id).state == "succeeded"
+    ((e, project),) = ledger.exports()
+    assert (e.bytes, e.format, project) == (104, "glb", "p") and len(e.sha256) == 64
+    pending = ledger.pending_notifications()
+    assert len(pending) == 1 and "m.glb" in pending[0].body
+    ledger.mark_notified(pending[0].id, shown=True)
+    ledger.mark_notified(pending[0].id, shown=True)
+    assert ledger.pending_notifications() == []
+    assert ledger.exports()[0][0].notified_at is not None
+
+
+def test_retry_from_stage_resets_later_stages(ledger: Ledger) -> None:
+    job_id = make(ledger)
+    ledger.claim_next("w")
+    for name in STAGES[:4]:
+        ledger.stage_started(job_id, name, pid=1, attempt=1)
+        ledger.stage_finished(job_id, name, metrics={}, device="cpu", peak_rss_mb=None)
+    ledger.fail(job_id, "undistort", "boom")
+    assert ledger.get(job_id).state == "failed"
+    assert ledger.retry(job_id) == list(STAGES[4:])
+    assert ledger.get(job_id).state == "queued"
+    with pytest.raises(ValueError, match="only finished jobs"):
+        ledger.retry(job_id)
+    ledger.request_cancel(job_id)
+    rerun = ledger.retry(job_id, from_stage="matching", formats=["obj"])
+    assert rerun == list(STAGES[2:])
+    assert ledger.get(job_id).spec["formats"] == ["obj"]
+    states = {s.name: s.state for s in ledger.stages(job_id)}
+    assert states["features"] == "done" and states["matching"] == "pending"
+
+
+def test_recover_requeues_jobs_of_a_dead_daemon(ledger: Ledger) -> None:
+    job_id = make(ledger)
+    ledger.claim_next("old-daemon")
+    ledger.stage_started(job_id, "ingest", pid=999999, attempt=1)
+    assert ledger.recover(worker="new-daemon") == [job_id]
+    job = ledger.get(job_id)
+    assert job.state == "queued" and job.attempts == 0
+    assert ledger.stages(job_id)[0].state == StageState.PENDING.value
+
+
+def test_resolve_by_id_prefix_and_project(ledger: Ledger) -> None:
+    job_id = make(ledger, "fountain")
+    assert ledger.resolve(job_id)[0].id == job_id
+    assert ledger.resolve(job_id[:5])[0].id == job_id
+    assert ledger.resolve("fountain")[0].id == job_id
+    with pytest.raises(NotFound, match="no job or project"):
+        ledger.resolve("nothing")
+
+
+def test_cli_open_refuses_missing_ledger(tmp_path: Path) -> None:
+    with pytest.raises(LedgerError, match="no ledger at"):
+        Ledger.open(f"sqlite:///{tmp_path / 'none.db'}")
+
+
+def test_corrupt_ledger_refused_with_hint(tmp_path: Path) -> None:
+    db = tmp_path / "jobs.db"
+    db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LedgerError, match="corrupt"):
+        Ledger.open(f"sqlite:///{db}", create=True)
+    assert db.read_bytes().startswith(b"this is not")
+
+
+def test_foreign_database_is_not_overwritten(tmp_path: Path) -> None:
+    db = tmp_path / "jobs.db"
+    con = sqlite3.connect(db)
+    con.execute("create table photos (id integer)")
+    con.commit()
+    con.close()
+    with pytest.raises(LedgerError, match="not a dropmesh ledger"):
+        Ledger.open(f"sqlite:///{db}", create=True)
