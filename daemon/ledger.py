@@ -55,7 +55,7 @@ class Ledger:
             sqlite_path.parent.mkdir(parents=True, exist_ok=True)
         engine = db.make_engine(url)
         try:
-            head = db.head_revision()
+            head = db.SCHEMA_HEAD
             current = db.current_revision(engine)
             if current != head:
                 if not create:

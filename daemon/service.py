@@ -72,6 +72,7 @@ class Daemon:
         self.ledger: Ledger | None = None
         self.running: dict[str, Running] = {}
         self.stop_requested = threading.Event()
+        self.intake_idle = threading.Event()
         self.rng = random.Random()
         self._lock_fd: int | None = None
         self._notifier = notifier
@@ -137,26 +138,13 @@ class Daemon:
             self.cfg.max_jobs,
             f"{self.gpu_count()} CUDA device(s)" if self.gpu_count() else "none, CPU only",
         )
-        watcher.scan()
-        last_scan = time.monotonic()
+        intake = threading.Thread(target=self._intake_loop, args=(watcher,), name="intake")
+        intake.start()
         last_beat = 0.0
         last_cancel_poll = 0.0
-        deferred: dict[Path, float] = {}
         try:
             while not self.stop_requested.is_set():
                 now = time.monotonic()
-                for path in watcher.ready():
-                    if deferred.get(path, 0.0) > now:
-                        continue
-                    result = self.take_request(path)
-                    if result == "retry-later":
-                        deferred[path] = now + max(self.cfg.settle_s, 1.0)
-                    else:
-                        deferred.pop(path, None)
-                        watcher.forget(path)
-                if now - last_scan >= self.cfg.rescan_s:
-                    watcher.scan()
-                    last_scan = now
                 self._poll_children()
                 if now - last_cancel_poll >= CANCEL_POLL_S:
                     self._check_cancels()
@@ -165,7 +153,7 @@ class Daemon:
                     ledger.heartbeat(list(self.running), self.worker)
                     last_beat = now
                 self._start_jobs()
-                if once and not self.running and not watcher.pending and self._idle():
+                if once and not self.running and self.intake_idle.is_set() and self._idle():
                     log.info("queue drained; exiting (--once)")
                     break
                 conns = [r.proc.conn for r in self.running.values() if r.proc is not None]
@@ -175,12 +163,43 @@ class Daemon:
                 else:
                     self.stop_requested.wait(0.05)
         finally:
+            self.stop_requested.set()
+            intake.join(timeout=5)
             self._shutdown()
             watcher.stop()
             if self.cfg.notify:
                 self.stop_requested.set()
                 notify_thread.join(timeout=3)
         return 0
+
+    def _intake_loop(self, watcher: Any) -> None:
+        """Inbox -> ledger, in its own thread so pickup never waits for stage work."""
+        watcher.scan()
+        last_scan = time.monotonic()
+        deferred: dict[Path, float] = {}
+        while not self.stop_requested.is_set():
+            ready = watcher.ready(wait_s=0.05)
+            now = time.monotonic()
+            for path in ready:
+                if deferred.get(path, 0.0) > now:
+                    continue
+                try:
+                    result = self.take_request(path)
+                except Exception:
+                    log.exception("could not take %s; will look again at the next scan", path)
+                    result = "retry-later"
+                if result == "retry-later":
+                    deferred[path] = now + max(self.cfg.settle_s, 1.0)
+                else:
+                    deferred.pop(path, None)
+                    watcher.forget(path)
+            if now - last_scan >= self.cfg.rescan_s:
+                watcher.scan()
+                last_scan = now
+            if not watcher.pending and watcher.events.empty():
+                self.intake_idle.set()
+            else:
+                self.intake_idle.clear()
 
     def _install_signals(self) -> None:
         def _stop(signum: int, _frame: Any) -> None:
@@ -257,8 +276,10 @@ class Daemon:
         if earlier and not accepted.force:
             j = earlier[-1]
             ws_request = self.cfg.workspace(j.id) / f"request{path.suffix.lower()}"
-            if j.request_name == path.name and not ws_request.exists():
-                # Accepted before a crash, but not yet moved out of the inbox.
+            if j.request_name == path.name and (
+                not ws_request.exists() or ws_request.samefile(path)
+            ):
+                # Accepted before a crash, but not yet (or not wholly) moved out of the inbox.
                 self._move(path, ws_request)
                 return "accepted"
             self._reject(
@@ -291,12 +312,16 @@ class Daemon:
         return "accepted"
 
     def _move(self, src: Path, dst: Path) -> None:
+        """Move a request out of the inbox by hard link + unlink rather than rename:
+        inotify reports a rename out of the watched folder as an unpaired move, which
+        the observer holds back for half a second together with every later event."""
         dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.unlink(missing_ok=True)
         try:
-            os.replace(src, dst)
+            os.link(src, dst)
         except OSError:
             shutil.copy2(src, dst)
-            src.unlink(missing_ok=True)
+        src.unlink(missing_ok=True)
 
     def _reject(self, path: Path, message: str, duplicate: bool = False) -> None:
         assert self.ledger is not None

@@ -30,7 +30,7 @@ class Seen:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, inbox: Path, out: queue.SimpleQueue[tuple[Path, bool]]) -> None:
+    def __init__(self, inbox: Path, out: queue.Queue[tuple[Path, bool]]) -> None:
         self.inbox = inbox
         self.out = out
 
@@ -62,7 +62,7 @@ class InboxWatcher:
     def __init__(self, inbox: Path, *, use_polling: bool = False, settle_s: float = 1.0) -> None:
         self.inbox = inbox
         self.settle_s = settle_s
-        self.events: queue.SimpleQueue[tuple[Path, bool]] = queue.SimpleQueue()
+        self.events: queue.Queue[tuple[Path, bool]] = queue.Queue()
         self.pending: dict[Path, Seen] = {}
         self.observer: BaseObserver | None = None
         self.mode = "polling" if use_polling else "inotify"
@@ -115,15 +115,20 @@ class InboxWatcher:
     def forget(self, path: Path) -> None:
         self.pending.pop(path, None)
 
-    def ready(self, now: float | None = None) -> list[Path]:
+    def ready(self, wait_s: float = 0.0) -> list[Path]:
         """Paths whose content is complete: closed after write / renamed in, or
-        unchanged for settle_s."""
-        now = time.time() if now is None else now
+        unchanged for settle_s. Waits up to wait_s for the first event."""
+        first = True
         while True:
             try:
-                path, complete = self.events.get_nowait()
+                if first and wait_s > 0:
+                    path, complete = self.events.get(timeout=wait_s)
+                else:
+                    path, complete = self.events.get_nowait()
             except queue.Empty:
                 break
+            first = False
+            now = time.time()
             try:
                 st = path.stat()
             except OSError:
@@ -134,6 +139,7 @@ class InboxWatcher:
                 old.complete = old.complete or complete
             else:
                 self.pending[path] = Seen(st.st_size, st.st_mtime_ns, now, complete)
+        now = time.time()
         out: list[Path] = []
         for path, seen in list(self.pending.items()):
             try:

@@ -179,3 +179,9 @@ def test_foreign_database_is_not_overwritten(tmp_path: Path) -> None:
     con.close()
     with pytest.raises(LedgerError, match="not a dropmesh ledger"):
         Ledger.open(f"sqlite:///{db}", create=True)
+
+
+def test_schema_head_constant_matches_migrations() -> None:
+    from daemon import db
+
+    assert db.head_revision() == db.SCHEMA_HEAD

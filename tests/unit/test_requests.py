@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.requests import RequestError, content_hash, is_request_file, parse
+from daemon.requests import RequestError, is_request_file, parse
 
 
 @pytest.fixture

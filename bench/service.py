@@ -1,0 +1,194 @@
+"""Service latencies: request pickup, `dropmesh status` on a big ledger, cancel.
+
+Targets: pickup p95 < 300 ms, status < 0.5 s with 10,000 jobs, cancel p95 < 2 s.
+Runs the real daemon (subprocess) with the fast test pipeline from tests/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.common import summary, write_results
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from daemon_harness import Home, wait_for  # noqa: E402
+
+
+def _created_at(db: Path, project: str) -> float | None:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        row = con.execute("select created_at from jobs where project=?", (project,)).fetchone()
+        return float(row[0]) if row else None
+    finally:
+        con.close()
+
+
+def bench_pickup(root: Path, drops: int) -> dict[str, Any]:
+    home = Home(root / "pickup")
+    home.images("p")
+    home.start()
+    lat: list[float] = []
+    try:
+        for i in range(drops):
+            name = f"p{i:04d}"
+            path = home.inbox / f"{name}.toml"
+            with open(path, "w") as f:
+                f.write(f'project = "{name}"\nimages = "../photos/p"\n')
+            t0 = time.time()  # the file is closed: from here the clock runs
+            created = wait_for(lambda n=name: _created_at(home.root / "jobs.db", n), 30, 0.02)
+            lat.append(created - t0)
+    finally:
+        home.stop()
+    return {"seconds": summary(lat), "target_p95_s": 0.3}
+
+
+def bench_status(root: Path, jobs: int) -> dict[str, Any]:
+    from daemon.ledger import Ledger
+    from daemon.models import Job, Stage
+    from pipeline import STAGES
+
+    home = Home(root / "status")
+    db = home.root / "jobs.db"
+    ledger = Ledger.open(f"sqlite:///{db}", create=True)
+    now = time.time()
+    states = ["succeeded"] * 8 + ["failed", "cancelled"]
+    with ledger.write() as s:
+        s.execute(
+            Job.__table__.insert(),
+            [
+                {
+                    "id": f"{i:08x}",
+                    "project": f"project{i % 500}",
+                    "spec": {"project": f"project{i % 500}"},
+                    "request_hash": f"{i:064x}",
+                    "request_name": f"r{i}.toml",
+                    "state": states[i % len(states)],
+                    "priority": 0,
+                    "attempts": 1,
+                    "max_attempts": 3,
+                    "cancel_requested": False,
+                    "created_at": now - i,
+                    "updated_at": now - i,
+                    "finished_at": now - i + 1,
+                }
+                for i in range(jobs)
+            ],
+        )
+        s.execute(
+            Stage.__table__.insert(),
+            [
+                {
+                    "job_id": f"{i:08x}",
+                    "name": n,
+                    "seq": k,
+                    "state": "done",
+                    "progress": 1.0,
+                    "message": "done",
+                    "attempt": 1,
+                    "metrics": {},
+                }
+                for i in range(jobs)
+                for k, n in enumerate(STAGES)
+            ],
+        )
+    ledger.close()
+    out: dict[str, Any] = {"jobs": jobs}
+    for label, args in (("status", ["status"]), ("status_json_all", ["status", "--json"])):
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            home.cli(*args)
+            times.append(time.perf_counter() - t0)
+        out[label] = summary(times)
+    out["target_s"] = 0.5
+    return out
+
+
+def bench_cancel(root: Path, runs: int) -> dict[str, Any]:
+    home = Home(root / "cancel")
+    home.images("c", {"features": {"sleep": 120, "steps": 120, "child": True}})
+    home.start()
+    lat: list[float] = []
+    db = home.root / "jobs.db"
+    try:
+        for i in range(runs):
+            name = f"c{i:03d}"
+            home.drop(name, images="../photos/c", project=name)
+
+            def stage_pid(n: str = name) -> int | None:
+                con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+                try:
+                    row = con.execute(
+                        "select s.pid from stages s join jobs j on j.id=s.job_id "
+                        "where j.project=? and s.name='features' and s.state='running' "
+                        "and s.pid is not null",
+                        (n,),
+                    ).fetchone()
+                    return int(row[0]) if row else None
+                finally:
+                    con.close()
+
+            pid = wait_for(stage_pid, 60, 0.02)
+            proc = psutil.Process(pid)
+            wait_for(lambda p=proc: p.children(recursive=True), 30, 0.02)
+            tree = [proc, *proc.children(recursive=True)]
+            t0 = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "daemon.cli", "cancel", name],
+                env=home.env,
+                check=True,
+                capture_output=True,
+            )
+            wait_for(
+                lambda t=tree: not any(p.is_running() and p.status() != "zombie" for p in t),
+                30,
+                0.005,
+            )
+            lat.append(time.perf_counter() - t0)
+    finally:
+        home.stop()
+    return {"seconds": summary(lat), "target_p95_s": 2.0}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--drops", type=int, default=200)
+    ap.add_argument("--jobs", type=int, default=10_000)
+    ap.add_argument("--cancels", type=int, default=20)
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with tempfile.TemporaryDirectory(prefix="dropmesh-bench-") as tmp:
+        root = Path(tmp)
+        results = {
+            "pickup": bench_pickup(root, args.drops),
+            "status": bench_status(root, args.jobs),
+            "cancel": bench_cancel(root, args.cancels),
+        }
+    path = write_results("service", results)
+    p, s, c = results["pickup"]["seconds"], results["status"], results["cancel"]["seconds"]
+    print(f"pickup  p50 {p['p50'] * 1000:.0f} ms  p95 {p['p95'] * 1000:.0f} ms  (target < 300)")
+    print(
+        f"status  {s['status']['p50']:.2f} s with {s['jobs']} jobs; --json of all "
+        f"{s['status_json_all']['p50']:.2f} s (target < 0.5)"
+    )
+    print(f"cancel  p50 {c['p50']:.2f} s  p95 {c['p95']:.2f} s  (target < 2)")
+    print(f"written to {path.relative_to(ROOT)}")
+    os.environ.pop("DROPMESH_HOME", None)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+"""A synthetic scene with known geometry and cameras, rendered on the CPU.
+
+`render_scene(out)` writes:
+
+- `out/images/view_000.jpg ...`: JPEG photos with EXIF Make/Model, FocalLength and
+  FocalLengthIn35mmFilm, as a camera would write them;
+- `out/ground_truth/mesh.ply`: the whole scene (object and ground) with vertex colours;
+- `out/ground_truth/object.ply`: the object alone (what a reconstruction should recover);
+- `out/ground_truth/cameras.json`: intrinsics and, per image, the world-to-camera pose in
+  COLMAP's convention (x_cam = R @ x_world + t, camera looks along +z, y down, pixel
+  centres at half-integers), plus the camera centre.
+
+The object is a bumpy, twisted blob with a torus and a box beside it on a square ground
+plate; everything carries a solid (3D) procedural texture of coloured noise and spots at
+several scales, so SIFT finds many distinct features. Rendering uses open3d's
+RaycastingScene (no display needed): the colour of a pixel comes from the hit triangle and
+its barycentric coordinates, shaded with a Lambert term.
+
+    python -m pipeline.demo OUT [--images N] [--size 640x480] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open3d as o3d
+from PIL import Image
+from scipy.ndimage import map_coordinates
+
+__all__ = ["render_scene"]
+
+MAKE = "dropmesh"
+MODEL = "synthetic camera"
+SENSOR_WIDTH_MM = 6.4  # sensor width of the virtual camera (longest image side)
+
+RING_RADIUS = 4.2  # camera distance from the object's axis
+OBJECT_CENTRE = np.array([0.0, 0.0, 0.55])
+GROUND_HALF = 2.4  # the ground plate spans [-GROUND_HALF, GROUND_HALF]^2 at z = 0
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def _icosphere(subdivisions: int) -> tuple[np.ndarray, np.ndarray]:
+    mesh = o3d.geometry.TriangleMesh.create_icosahedron(radius=1.0)
+    mesh = mesh.subdivide_loop(number_of_iterations=subdivisions)
+    v = np.asarray(mesh.vertices, dtype=np.float64)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return v, np.asarray(mesh.triangles, dtype=np.int32)
+
+
+def _blob(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A closed, bumpy, twisted shape about 1.4 wide and 1.1 tall."""
+    v, f = _icosphere(5)
+    x, y, z = v.T
+    theta = np.arctan2(y, x)
+    phi = np.arccos(np.clip(z, -1.0, 1.0))
+    bumps = np.zeros(len(v))
+    for _ in range(6):
+        a, b = rng.integers(2, 6, size=2)
+        ph1, ph2 = rng.uniform(0, 2 * np.pi, size=2)
+        bumps += rng.uniform(0.03, 0.07) * np.sin(a * theta + ph1) * np.sin(b * phi + ph2)
+    r = 1.0 + bumps
+    v = v * r[:, None] * np.array([0.7, 0.55, 0.55])
+    # twist about the vertical axis
+    ang = 1.2 * v[:, 2]
+    c, s = np.cos(ang), np.sin(ang)
+    v = np.stack([c * v[:, 0] - s * v[:, 1], s * v[:, 0] + c * v[:, 1], v[:, 2]], axis=1)
+    v += OBJECT_CENTRE + np.array([0.0, 0.0, 0.02])
+    return v, f
+
+
+def _torus() -> tuple[np.ndarray, np.ndarray]:
+    mesh = o3d.geometry.TriangleMesh.create_torus(
+        torus_radius=0.38, tube_radius=0.13, radial_resolution=60, tubular_resolution=30
+    )
+    v = np.asarray(mesh.vertices, dtype=np.float64)
+    # stand it up, tilted, to the side of the blob
+    a = np.deg2rad(70.0)
+    rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    v = v @ rot.T + np.array([0.95, 0.75, 0.48])
+    return v, np.asarray(mesh.triangles, dtype=np.int32)
+
+
+def _box() -> tuple[np.ndarray, np.ndarray]:
+    mesh = o3d.geometry.TriangleMesh.create_box(width=0.5, height=0.4, depth=0.6)
+    v = np.asarray(mesh.vertices, dtype=np.float64) - np.array([0.25, 0.2, 0.0])
+    a = np.deg2rad(25.0)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    v = v @ rot.T + np.array([-0.9, -0.7, 0.0])
+    return v, np.asarray(mesh.triangles, dtype=np.int32)
+
+
+def _ground() -> tuple[np.ndarray, np.ndarray]:
+    h = GROUND_HALF
+    v = np.array([[-h, -h, 0.0], [h, -h, 0.0], [h, h, 0.0], [-h, h, 0.0]])
+    f = np.array([[0, 1, 2], [0, 2, 3]], dtype=np.int32)
+    return v, f
+
+
+def _merge(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    verts, faces, offset = [], [], 0
+    for v, f in parts:
+        verts.append(v)
+        faces.append(f + offset)
+        offset += len(v)
+    return np.concatenate(verts), np.concatenate(faces).astype(np.int32)
+
+
+def _vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
+    fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
+    n = np.zeros_like(v)
+    for k in range(3):
+        np.add.at(n, f[:, k], fn)
+    return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+
+
+# ---------------------------------------------------------------- texture
+
+
+def _hash(ix: np.ndarray, iy: np.ndarray, iz: np.ndarray, salt: int) -> np.ndarray:
+    """A 32-bit integer hash of lattice coordinates (vectorised)."""
+    h = (
+        ix.astype(np.uint32) * np.uint32(0x8DA6B343)
+        ^ iy.astype(np.uint32) * np.uint32(0xD8163841)
+        ^ iz.astype(np.uint32) * np.uint32(0xCB1AB31F)
+        ^ np.uint32(salt * 0x9E3779B1 & 0xFFFFFFFF)
+    )
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x7FEB352D)
+    h ^= h >> np.uint32(15)
+    h *= np.uint32(0x846CA68B)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+# The solid texture is defined on integer lattices over this box (it holds the whole scene).
+_TEX_LO = np.array([-GROUND_HALF - 0.1, -GROUND_HALF - 0.1, -0.1])
+_TEX_HI = np.array([GROUND_HALF + 0.1, GROUND_HALF + 0.1, 1.6])
+_lattices: dict[tuple[float, int], np.ndarray] = {}
+
+
+def _lattice(freq: float, salt: int) -> np.ndarray:
+    """Random RGB values on the integer points of the scaled texture box, (3, nx, ny, nz)."""
+    key = (freq, salt)
+    if key not in _lattices:
+        n = np.ceil((_TEX_HI - _TEX_LO) * freq).astype(int) + 2
+        ix, iy, iz = np.meshgrid(*(np.arange(k) for k in n), indexing="ij")
+        h = _hash(ix, iy, iz, salt)
+        rgb = np.stack([(h >> np.uint32(s)) & np.uint32(0xFF) for s in (0, 8, 16)])
+        _lattices[key] = rgb.astype(np.float32) / 255.0
+    return _lattices[key]
+
+
+def _value_noise3(p: np.ndarray, freq: float, salt: int, channels: int = 3) -> np.ndarray:
+    """Value noise in [0, 1] (trilinear between lattice values), shape (n, channels)."""
+    lattice = _lattice(freq, salt)
+    q = ((np.clip(p, _TEX_LO, _TEX_HI) - _TEX_LO) * freq).T.astype(np.float32)
+    return np.stack(
+        [map_coordinates(lattice[c], q, order=1, mode="nearest") for c in range(channels)],
+        axis=1,
+    )
+
+
+_COLOUR_OCTAVES = ((1.5, 1.0), (4.0, 0.8), (10.0, 0.7), (22.0, 0.5))  # (frequency, weight)
+_SPOTS = ((7.0, 0.68), (16.0, 0.7))  # (frequency, threshold)
+_colour_lattices: dict[int, np.ndarray] = {}
+
+
+def _colour_lattice(seed: int) -> np.ndarray:
+    """The base colour (all octaves summed, contrast stretched) baked onto the lattice of
+    the finest octave, so that rendering needs one interpolation instead of four."""
+    if seed not in _colour_lattices:
+        fine = _COLOUR_OCTAVES[-1][0]
+        shape = _lattice(fine, seed * 31 + len(_COLOUR_OCTAVES) - 1).shape[1:]
+        grid = np.stack(np.meshgrid(*(np.arange(k) for k in shape), indexing="ij"), axis=-1)
+        points = grid.reshape(-1, 3) / fine + _TEX_LO
+        colour = np.zeros((len(points), 3), dtype=np.float32)
+        for k, (freq, weight) in enumerate(_COLOUR_OCTAVES):
+            colour += weight * _value_noise3(points, freq, seed * 31 + k)
+        colour /= sum(w for _, w in _COLOUR_OCTAVES)
+        # stretch contrast: noise sums concentrate around 0.5
+        colour = np.clip(0.5 + 2.4 * (colour - 0.5), 0.0, 1.0)
+        _colour_lattices[seed] = np.ascontiguousarray(colour.T.reshape(3, *shape))
+    return _colour_lattices[seed]
+
+
+def _albedo(p: np.ndarray, material: np.ndarray, seed: int) -> np.ndarray:
+    """Solid texture: colourful multi-scale noise plus dark and bright spots.
+
+    material 0 is the ground, 1 the object; they get different palettes."""
+    lattice = _colour_lattice(seed)
+    fine = _COLOUR_OCTAVES[-1][0]
+    q = ((np.clip(p, _TEX_LO, _TEX_HI) - _TEX_LO) * fine).T.astype(np.float32)
+    colour = np.stack(
+        [map_coordinates(lattice[c], q, order=1, mode="nearest") for c in range(3)], axis=1
+    )
+    # spots at two scales with sharp edges: good blobs for SIFT
+    for k, (freq, lo) in enumerate(_SPOTS):
+        n = _value_noise3(p, freq, seed * 31 + 10 + k, channels=2)
+        dark = np.clip((n[:, 0] - lo) * 25.0, 0.0, 1.0)
+        bright = np.clip((n[:, 1] - lo) * 25.0, 0.0, 1.0)
+        colour *= 1.0 - 0.85 * dark[:, None]
+        colour += (1.0 - colour) * (0.8 * bright[:, None])
+    ground = material == 0
+    # the ground is earthier, the object more saturated
+    colour[ground] = 0.25 + 0.6 * colour[ground] * np.array([1.0, 0.85, 0.7], dtype=np.float32)
+    return np.clip(colour, 0.0, 1.0).astype(np.float64)
+
+
+# ---------------------------------------------------------------- cameras
+
+
+def _look_at(centre: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World-to-camera R, t (COLMAP convention: +z forward, +y down)."""
+    fwd = target - centre
+    fwd /= np.linalg.norm(fwd)
+    right = np.cross(fwd, np.array([0.0, 0.0, 1.0]))
+    right /= np.linalg.norm(right)
+    down = np.cross(fwd, right)
+    rot = np.stack([right, down, fwd])
+    return rot, -rot @ centre
+
+
+def _camera_ring(n: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    poses = []
+    for i in range(n):
+        az = 2 * np.pi * i / n + rng.uniform(-0.05, 0.05)
+        elev = np.deg2rad(28.0 + 10.0 * (i % 2) + rng.uniform(-2, 2))
+        r = RING_RADIUS * rng.uniform(0.95, 1.05)
+        centre = np.array(
+            [r * np.cos(elev) * np.cos(az), r * np.cos(elev) * np.sin(az), r * np.sin(elev)]
+        ) + np.array([0.0, 0.0, 0.3])
+        target = OBJECT_CENTRE + rng.uniform(-0.08, 0.08, size=3)
+        poses.append(_look_at(centre, target))
+    return poses
+
+
+# ---------------------------------------------------------------- output
+
+
+def _write_ply(path: Path, v: np.ndarray, f: np.ndarray, colours: np.ndarray) -> None:
+    mesh = o3d.geometry.TriangleMesh(
+        o3d.utility.Vector3dVector(v), o3d.utility.Vector3iVector(f.astype(np.int32))
+    )
+    mesh.vertex_colors = o3d.utility.Vector3dVector(colours)
+    mesh.compute_vertex_normals()
+    tmp = path.with_name(path.stem + ".tmp.ply")
+    if not o3d.io.write_triangle_mesh(tmp, mesh, write_ascii=False):
+        raise OSError(f"could not write {path}")
+    tmp.replace(path)
+
+
+def _exif(focal_px: float, longest_side: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x010F] = MAKE  # Make
+    exif[0x0110] = MODEL  # Model
+    sub = exif.get_ifd(0x8769)  # Exif sub-IFD
+    sub[0x920A] = round(focal_px * SENSOR_WIDTH_MM / longest_side, 3)  # FocalLength, mm
+    sub[0xA405] = round(focal_px * 36.0 / longest_side)  # FocalLengthIn35mmFilm
+    # FocalPlaneXResolution / YResolution in pixels per cm (unit 3): the exact focal in px
+    sub[0xA20E] = round(longest_side / (SENSOR_WIDTH_MM / 10.0), 3)
+    sub[0xA20F] = round(longest_side / (SENSOR_WIDTH_MM / 10.0), 3)
+    sub[0xA210] = 3
+    return exif
+
+
+def render_scene(
+    out: Path, n_images: int = 24, size: tuple[int, int] = (640, 480), seed: int = 0
+) -> dict[str, Any]:
+    """Render the demo scene into `out` and return what cameras.json holds."""
+    if n_images < 1:
+        raise ValueError("n_images must be at least 1")
+    out = Path(out)
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    width, height = size
+
+    parts = [_ground(), _blob(rng), _torus(), _box()]
+    material = np.concatenate(
+        [np.full(len(f), 0 if k == 0 else 1, dtype=np.int8) for k, (_, f) in enumerate(parts)]
+    )
+    verts, faces = _merge(parts)
+    obj_verts, obj_faces = _merge(parts[1:])
+    normals = _vertex_normals(verts, faces)
+    # flat shading for the ground and the box (their vertices are shared by sharp edges)
+    face_normals = np.cross(
+        verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]]
+    )
+    face_normals /= np.maximum(np.linalg.norm(face_normals, axis=1, keepdims=True), 1e-12)
+    n_box_faces = len(parts[3][1])
+    flat = np.zeros(len(faces), dtype=bool)
+    flat[: len(parts[0][1])] = True
+    flat[len(faces) - n_box_faces :] = True
+
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(
+        o3d.core.Tensor.from_numpy(verts.astype(np.float32)),
+        o3d.core.Tensor.from_numpy(faces.astype(np.uint32)),
+    )
+
+    focal = 1.1 * max(width, height)
+    cx, cy = width / 2.0, height / 2.0
+    K = np.array([[focal, 0.0, cx], [0.0, focal, cy], [0.0, 0.0, 1.0]])
+    light = np.array([0.45, -0.35, 0.82])
+    light /= np.linalg.norm(light)
+
+    # pixel rays in camera coordinates (pixel centres at half-integers)
+    us, vs = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    dirs_cam = np.stack([(us - cx) / focal, (vs - cy) / focal, np.ones_like(us)], axis=-1)
+    dirs_cam = dirs_cam.reshape(-1, 3)
+    dirs_cam /= np.linalg.norm(dirs_cam, axis=1, keepdims=True)
+    sky_top, sky_bottom = np.array([0.55, 0.68, 0.85]), np.array([0.85, 0.88, 0.9])
+    sky = sky_bottom + (sky_top - sky_bottom) * np.linspace(1.0, 0.0, height)[:, None]
+    sky = np.repeat(sky[:, None, :], width, axis=1).reshape(-1, 3)
+
+    images_dir = out / "images"
+    gt_dir = out / "ground_truth"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    gt_dir.mkdir(parents=True, exist_ok=True)
+    exif = _exif(focal, max(width, height))
+
+    cameras: dict[str, Any] = {}
+    for i, (rot, t) in enumerate(_camera_ring(n_images, rng)):
+        centre = -rot.T @ t
+        dirs = dirs_cam @ rot  # rows: R^T d
+        rays = np.concatenate([np.broadcast_to(centre, dirs.shape), dirs], axis=1)
+        hit = scene.cast_rays(o3d.core.Tensor.from_numpy(rays.astype(np.float32)))
+        prim = hit["primitive_ids"].numpy().astype(np.int64)
+        ok = np.isfinite(hit["t_hit"].numpy())
+        uv = hit["primitive_uvs"].numpy()[ok].astype(np.float64)
+        tri = faces[prim[ok]]
+        b0 = 1.0 - uv[:, 0] - uv[:, 1]
+        p = (
+            b0[:, None] * verts[tri[:, 0]]
+            + uv[:, :1] * verts[tri[:, 1]]
+            + uv[:, 1:] * verts[tri[:, 2]]
+        )
+        n = (
+            b0[:, None] * normals[tri[:, 0]]
+            + uv[:, :1] * normals[tri[:, 1]]
+            + uv[:, 1:] * normals[tri[:, 2]]
+        )
+        is_flat = flat[prim[ok]]
+        n[is_flat] = face_normals[prim[ok][is_flat]]
+        n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+        # face the viewer (the ground plate is seen from above only, but be safe)
+        facing = np.einsum("ij,ij->i", n, dirs[ok]) > 0
+        n[facing] *= -1.0
+        albedo = _albedo(p, material[prim[ok]], seed)
+        lambert = np.clip(n @ light, 0.0, 1.0)
+        shade = 0.35 + 0.65 * lambert
+        rgb = sky.copy()
+        rgb[ok] = albedo * shade[:, None]
+        rgb += rng.normal(0.0, 0.006, size=rgb.shape)  # a little sensor noise
+        img = (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).reshape(height, width, 3)
+        name = f"view_{i:03d}.jpg"
+        tmp = images_dir / f".{name}.tmp"
+        Image.fromarray(img).save(tmp, format="JPEG", quality=93, exif=exif)
+        tmp.replace(images_dir / name)
+        cameras[name] = {
+            "R": rot.tolist(),
+            "t": t.tolist(),
+            "centre": centre.tolist(),
+        }
+
+    obj_colours = _albedo(obj_verts, np.ones(len(obj_verts), dtype=np.int8), seed)
+    n_ground = len(parts[0][0])
+    vert_material = np.ones(len(verts), dtype=np.int8)
+    vert_material[:n_ground] = 0
+    all_colours = _albedo(verts, vert_material, seed)
+    _write_ply(gt_dir / "mesh.ply", verts, faces, all_colours)
+    _write_ply(gt_dir / "object.ply", obj_verts, obj_faces, obj_colours)
+
+    centres = np.array([c["centre"] for c in cameras.values()])
+    lo = np.minimum(obj_verts.min(axis=0), centres.min(axis=0))
+    hi = np.maximum(obj_verts.max(axis=0), centres.max(axis=0))
+    info: dict[str, Any] = {
+        "model": "PINHOLE",
+        "width": width,
+        "height": height,
+        "K": K.tolist(),
+        "focal_px": focal,
+        "make": MAKE,
+        "camera_model": MODEL,
+        "object_bbox": [obj_verts.min(axis=0).tolist(), obj_verts.max(axis=0).tolist()],
+        "ground_bbox": [[-GROUND_HALF, -GROUND_HALF, 0.0], [GROUND_HALF, GROUND_HALF, 0.0]],
+        # diagonal of the box around the object and all camera centres
+        "scene_size": float(np.linalg.norm(hi - lo)),
+        "convention": "x_cam = R @ x_world + t; +z forward, +y down; centre = -R^T t",
+        "seed": seed,
+        "images": cameras,
+        "render_seconds": round(time.perf_counter() - t0, 3),
+    }
+    tmp_json = gt_dir / ".cameras.json.tmp"
+    tmp_json.write_text(json.dumps(info, indent=1))
+    tmp_json.replace(gt_dir / "cameras.json")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.demo",
+        description="Render the synthetic demo scene (photos with EXIF plus ground truth).",
+    )
+    parser.add_argument("out", type=Path, help="output folder (images/ and ground_truth/)")
+    parser.add_argument("--images", type=int, default=24, help="number of photos (default 24)")
+    parser.add_argument("--size", default="640x480", help="WIDTHxHEIGHT (default 640x480)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    args = parser.parse_args(argv)
+    w, h = (int(x) for x in args.size.lower().split("x"))
+    info = render_scene(args.out, n_images=args.images, size=(w, h), seed=args.seed)
+    print(
+        f"rendered {len(info['images'])} images of {w}x{h} into {args.out / 'images'} "
+        f"in {info['render_seconds']:.1f} s; ground truth in {args.out / 'ground_truth'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""features: SIFT keypoints and descriptors into a COLMAP database.
+
+Reads `ingest/images/` and `ingest/images.json`. Publishes `<workspace>/features/`:
+
+- `database.db`: COLMAP database with cameras, images, keypoints and descriptors;
+- `metrics.json`.
+
+Images that share size, EXIF make/model and focal length share one camera (SIMPLE_RADIAL),
+so bundle adjustment refines one set of intrinsics; its focal starts from the EXIF prior
+when there is one. Images are extracted in small batches so that progress is real and a
+cancel stops the stage within one batch (the running batch is cancelled through pycolmap's
+CancellationToken).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pycolmap
+
+from pipeline.context import StageContext, StageResult
+from pipeline.stages._sparse import (
+    FEATURES_DB,
+    INGEST_IMAGES,
+    Timer,
+    building,
+    call_cancellable,
+    device,
+    finished,
+    num_threads,
+    read_image_list,
+    record,
+    require,
+    stage_preset,
+)
+
+NAME = "features"
+BATCH = 8  # images per extraction call
+DEFAULT_FOCAL_FACTOR = 1.2  # focal = factor * longest side when EXIF has none
+
+
+def camera_groups(images: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Images that should share one camera: same size, make, model and focal prior."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for image in images:
+        focal = image.get("focal_px")
+        key = (
+            image["width"],
+            image["height"],
+            image.get("make"),
+            image.get("model"),
+            None if focal is None else round(float(focal), 1),
+        )
+        groups.setdefault(key, []).append(image)
+    return list(groups.values())
+
+
+def run(ctx: StageContext) -> StageResult:
+    done = finished(ctx, NAME)
+    if done is not None:
+        return done
+    timer = Timer()
+    images = read_image_list(ctx, NAME)
+    image_dir = require(ctx, NAME, INGEST_IMAGES)
+    settings = stage_preset(ctx)
+    dev, dev_name = device(ctx)
+
+    extraction = pycolmap.FeatureExtractionOptions()
+    extraction.num_threads = num_threads(ctx)
+    extraction.max_image_size = settings.max_image_size if settings.max_image_size > 0 else -1
+    extraction.sift.max_num_features = settings.max_num_features
+
+    total = len(images)
+    done_count = 0
+    with building(ctx, NAME) as tmp:
+        db_path = tmp / FEATURES_DB[-1]
+        groups = camera_groups(images)
+        for group in groups:
+            camera_id = _write_camera(db_path, group[0])
+            reader = pycolmap.ImageReaderOptions()
+            reader.existing_camera_id = camera_id
+            names = [image["name"] for image in group]
+            for start in range(0, len(names), BATCH):
+                batch = names[start : start + BATCH]
+
+                call_cancellable(
+                    ctx, partial(_extract, db_path, image_dir, batch, reader, extraction, dev)
+                )
+                done_count += len(batch)
+                ctx.progress(done_count / total, f"extracted features from {done_count}/{total}")
+
+        db = pycolmap.Database.open(db_path)
+        try:
+            keypoints = [db.num_keypoints_for_image(im.image_id) for im in db.read_all_images()]
+            num_images, num_cameras = db.num_images(), db.num_cameras()
+        finally:
+            db.close()
+        result = StageResult(
+            metrics={
+                "images": num_images,
+                "cameras": num_cameras,
+                "keypoints_total": int(sum(keypoints)),
+                "keypoints_mean": round(sum(keypoints) / max(1, len(keypoints)), 1),
+                "keypoints_min": int(min(keypoints, default=0)),
+                "max_num_features": settings.max_num_features,
+                "seconds": timer.seconds,
+            },
+            device=dev_name,
+        )
+        record(tmp, result)
+    return result
+
+
+def _extract(
+    db_path: Path,
+    image_dir: Path,
+    names: list[str],
+    reader: pycolmap.ImageReaderOptions,
+    extraction: pycolmap.FeatureExtractionOptions,
+    dev: pycolmap.Device,
+    token: pycolmap.CancellationToken,
+) -> None:
+    pycolmap.extract_features(
+        db_path,
+        image_dir,
+        image_names=names,
+        camera_mode=pycolmap.CameraMode.SINGLE,
+        reader_options=reader,
+        extraction_options=extraction,
+        device=dev,
+        cancellation_token=token,
+    )
+
+
+def _write_camera(db_path: Path, image: dict[str, Any]) -> int:
+    width, height = int(image["width"]), int(image["height"])
+    prior = image.get("focal_px")
+    focal = float(prior) if prior else DEFAULT_FOCAL_FACTOR * max(width, height)
+    camera = pycolmap.Camera(
+        model="SIMPLE_RADIAL",
+        width=width,
+        height=height,
+        params=[focal, width / 2.0, height / 2.0, 0.0],
+    )
+    camera.has_prior_focal_length = bool(prior)
+    db = pycolmap.Database.open(db_path)
+    try:
+        return int(db.write_camera(camera))
+    finally:
+        db.close()

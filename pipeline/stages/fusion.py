@@ -1,0 +1,121 @@
+"""fusion: merge the depth maps into one coloured, oriented point cloud.
+
+Runs `pycolmap.stereo_fusion` on the dense workspace that `stereo` published and writes
+`<ws>/fusion/fused.ply` (binary PLY with normals and colours). A cloud too small to mesh
+is a PermanentError: Poisson meshing crashes on an empty cloud, so it is never reached.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open3d as o3d
+import pycolmap
+
+from pipeline.context import StageContext, StageResult
+from pipeline.errors import Cancelled, PermanentError, TransientError
+from pipeline.stages._dense import (
+    Timer,
+    building,
+    finished,
+    num_threads,
+    read_metrics,
+    record,
+    require,
+)
+
+STAGE = "fusion"
+FUSED = "fused.ply"
+MIN_POINTS = 1000  # fewer fused points than this cannot make a useful mesh
+SGBM_MIN_NUM_PIXELS = 3  # views a fused point needs (depth maps from pair matching)
+SGBM_MAX_NORMAL_ERROR = 20.0  # degrees
+
+
+def fusion_options(engine: str, threads: int) -> pycolmap.StereoFusionOptions:
+    options = pycolmap.StereoFusionOptions()
+    options.num_threads = threads
+    options.max_reproj_error = 2.0
+    options.max_depth_error = 0.01
+    if engine == "opencv-sgbm":
+        # normals from plane fits of matched depth are rougher than PatchMatch's, and the
+        # depth maps were already checked against their neighbours
+        options.max_normal_error = SGBM_MAX_NORMAL_ERROR
+        options.min_num_pixels = SGBM_MIN_NUM_PIXELS
+    else:
+        options.max_normal_error = 10.0
+        options.min_num_pixels = 5
+    return options
+
+
+def _fuse(
+    ctx: StageContext, workspace: Path, options: pycolmap.StereoFusionOptions
+) -> pycolmap.Reconstruction:
+    """stereo_fusion on a helper thread, so a cancel can stop it."""
+    token = pycolmap.CancellationToken()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["rec"] = pycolmap.stereo_fusion(
+                str(workspace / FUSED),
+                str(ctx.stage_dir("stereo")),
+                workspace_format="COLMAP",
+                input_type="geometric",
+                options=options,
+                output_type="PLY",
+                cancellation_token=token,
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="stereo-fusion", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+        if ctx.cancelled():
+            token.cancel()
+            thread.join()
+            raise Cancelled()
+    if "error" in box:
+        exc = box["error"]
+        raise TransientError(f"stereo fusion failed: {exc}", stage=STAGE) from exc
+    rec: pycolmap.Reconstruction = box["rec"]
+    return rec
+
+
+def run(ctx: StageContext) -> StageResult:
+    done = finished(ctx, STAGE)
+    if done is not None:
+        return done
+    require(ctx, STAGE, "stereo", "metrics.json")
+    timer = Timer()
+    stereo = read_metrics(ctx.workspace, "stereo")
+    device = str(stereo.get("device") or "cpu")
+    ctx.progress(0.0, "fusing depth maps")
+    with building(ctx, STAGE) as out:
+        options = fusion_options(str(stereo.get("engine", "")), num_threads(ctx))
+        _fuse(ctx, out, options)
+        ply = out / FUSED
+        cloud = o3d.io.read_point_cloud(ply) if ply.is_file() else o3d.geometry.PointCloud()
+        n = len(cloud.points)
+        if n < MIN_POINTS:
+            raise PermanentError(
+                f"the fused point cloud has {n} points (at least {MIN_POINTS} are needed)",
+                stage=STAGE,
+                hint="the photos may lack texture or overlap; take more photos, closer together",
+            )
+        pts = np.asarray(cloud.points)
+        lo, hi = np.percentile(pts, 1, axis=0), np.percentile(pts, 99, axis=0)
+        metrics: dict[str, Any] = {
+            "points": n,
+            "bbox_p01_p99": [lo.round(4).tolist(), hi.round(4).tolist()],
+            "max_normal_error": options.max_normal_error,
+            "min_num_pixels": options.min_num_pixels,
+            "seconds": timer.seconds,
+        }
+        result = record(out, StageResult(metrics=metrics, device=device))
+    ctx.progress(1.0, f"{n} fused points")
+    return result

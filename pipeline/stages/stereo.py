@@ -1,0 +1,801 @@
+"""stereo: a depth map and a normal map for every undistorted image.
+
+Reads the COLMAP dense workspace that `undistort` wrote (`<ws>/undistort/images`,
+`sparse/`) and publishes `<ws>/stereo/` as a complete COLMAP dense workspace of its own:
+`images` and `sparse` are relative links to undistort's, `stereo/` holds
+`depth_maps/<image>.{photometric,geometric}.bin`, the matching `normal_maps/`,
+`patch-match.cfg` and `fusion.cfg`, exactly what `pycolmap.stereo_fusion` reads.
+
+Two engines, chosen by `ctx.device` (auto | cpu | gpu):
+
+- gpu: COLMAP PatchMatch (`pycolmap.patch_match_stereo`, geometric consistency) on CUDA.
+  The CUDA build of pycolmap aborts the process if PatchMatch runs without a GPU, so the
+  GPU is counted first, in a throwaway subprocess.
+- cpu: OpenCV semi-global matching on rectified pairs of neighbouring views (chosen from
+  the sparse model by shared points and triangulation angle), with a left-right check,
+  agreement between the pairs of a view, a multi-view geometric consistency check
+  against the neighbours' depth maps, and normals from local plane fits of the depth map.
+  Images are processed in parallel threads (OpenCV and numpy release the GIL).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pycolmap
+from scipy import sparse
+
+from pipeline.context import StageContext, StageResult
+from pipeline.errors import Cancelled, PermanentError, TransientError
+from pipeline.stages._dense import (
+    Timer,
+    building,
+    finished,
+    num_threads,
+    record,
+    require,
+    stage_preset,
+)
+
+STAGE = "stereo"
+
+# Neighbour selection (degrees are triangulation angles at the scene).
+NUM_STEREO_NEIGHBOURS = 4  # pairs matched per view
+NUM_CHECK_NEIGHBOURS = 8  # views a depth must be consistent with (some of)
+MIN_PAIR_ANGLE = 3.0
+BEST_PAIR_ANGLE = 10.0
+MAX_PAIR_ANGLE = 45.0
+
+# Filtering.
+PAIR_AGREEMENT = 0.015  # relative depth difference for two pairs to agree
+MIN_AGREEING_PAIRS = 1  # pairs of a view that must agree on a depth (where pairs overlap,
+# a disagreeing pair vetoes)
+GEOMETRIC_AGREEMENT = 0.01  # relative depth difference for two views to agree
+MIN_CONSISTENT_VIEWS = 1  # other views whose depth maps must agree (fusion then asks for 3)
+MIN_TEXTURE_STD = 2.0  # grey-level standard deviation (0..255) below which a pixel is blank
+LR_MAX_DIFF = 1.0  # px, left-right disparity check
+
+DEPTH_DIR = "depth_maps"
+NORMAL_DIR = "normal_maps"
+
+
+# ---------------------------------------------------------------- COLMAP array files
+
+
+def write_colmap_array(path: Path, array: np.ndarray) -> None:
+    """Write a (H, W) or (H, W, C) float32 array in COLMAP's mvs::Mat format:
+    an ASCII header `width&height&channels&`, then the channels one after another,
+    each row-major, little-endian float32."""
+    a = np.asarray(array, dtype="<f4")
+    if a.ndim == 2:
+        a = a[:, :, None]
+    h, w, c = a.shape
+    with open(path, "wb") as fh:
+        fh.write(f"{w}&{h}&{c}&".encode())
+        fh.write(np.ascontiguousarray(a.transpose(2, 0, 1)).tobytes())
+
+
+def read_colmap_array(path: Path) -> np.ndarray:
+    """Read a COLMAP depth map (H, W) or normal map (H, W, 3)."""
+    data = Path(path).read_bytes()
+    fields, pos = [], 0
+    for _ in range(3):
+        end = data.index(b"&", pos)
+        fields.append(int(data[pos:end]))
+        pos = end + 1
+    w, h, c = fields
+    a = np.frombuffer(data, dtype="<f4", count=w * h * c, offset=pos).reshape(c, h, w)
+    a = a.transpose(1, 2, 0)
+    return a[:, :, 0].copy() if c == 1 else a.copy()
+
+
+# ---------------------------------------------------------------- device
+
+
+def cuda_device_count() -> int:
+    """CUDA devices pycolmap can use (0 for the CPU build). Counted in a subprocess so a
+    broken driver cannot take this process down."""
+    if not getattr(pycolmap, "has_cuda", False):
+        return 0
+    code = "import pycolmap; print(int(pycolmap.get_num_cuda_devices()))"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        )
+        return max(0, int(out.stdout.strip().splitlines()[-1])) if out.returncode == 0 else 0
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return 0
+
+
+def choose_device(requested: str) -> str:
+    """'gpu' or 'cpu' for a requested device (auto | cpu | gpu)."""
+    if requested == "cpu":
+        return "cpu"
+    if requested not in ("auto", "gpu"):
+        raise PermanentError(f"unknown device {requested!r}", stage=STAGE, hint="auto, cpu or gpu")
+    gpus = cuda_device_count()
+    if gpus > 0:
+        return "gpu"
+    if requested == "gpu":
+        why = (
+            "this pycolmap build has no CUDA support"
+            if not getattr(pycolmap, "has_cuda", False)
+            else "no CUDA device is visible"
+        )
+        raise PermanentError(
+            f"device=gpu was requested but GPU stereo is not available: {why}",
+            stage=STAGE,
+            hint="install dropmesh[gpu] on a machine with an NVIDIA GPU, or use device=auto",
+        )
+    return "cpu"
+
+
+# ---------------------------------------------------------------- views
+
+
+@dataclass
+class View:
+    index: int
+    name: str
+    K: np.ndarray  # depth-map scale; pixel (col, row) centre at (col, row)
+    R: np.ndarray  # world -> camera
+    t: np.ndarray
+    width: int  # depth-map size
+    height: int
+    points: np.ndarray = field(repr=False)  # sparse points this view sees, (n, 3)
+
+    @property
+    def centre(self) -> np.ndarray:
+        c: np.ndarray = -self.R.T @ self.t
+        return c
+
+
+def depth_map_size(width: int, height: int, max_size: int) -> tuple[int, int]:
+    """The size COLMAP gives a depth map of an image limited to max_size."""
+    if max_size <= 0 or max(width, height) <= max_size:
+        return width, height
+    scale = max_size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def load_views(sparse_dir: Path, max_size: int) -> list[View]:
+    rec = pycolmap.Reconstruction(str(sparse_dir))
+    views: list[View] = []
+    xyz = {pid: p.xyz for pid, p in rec.points3D.items()}
+    for image_id in sorted(rec.reg_image_ids()):
+        image = rec.images[image_id]
+        cam = rec.cameras[image.camera_id]
+        if cam.model.name not in ("PINHOLE", "SIMPLE_PINHOLE"):
+            raise PermanentError(
+                f"image {image.name} has camera model {cam.model.name}; stereo needs "
+                "undistorted (pinhole) images",
+                stage=STAGE,
+            )
+        w, h = depth_map_size(cam.width, cam.height, max_size)
+        sx, sy = w / cam.width, h / cam.height
+        k_full = cam.calibration_matrix()
+        K = np.array(
+            [
+                [k_full[0, 0] * sx, 0.0, k_full[0, 2] * sx - 0.5],
+                [0.0, k_full[1, 1] * sy, k_full[1, 2] * sy - 0.5],
+                [0.0, 0.0, 1.0],
+            ]
+        )
+        pose = image.cam_from_world()
+        ids = [p.point3D_id for p in image.points2D if p.has_point3D()]
+        pts = np.array([xyz[i] for i in ids if i in xyz], dtype=np.float64).reshape(-1, 3)
+        views.append(
+            View(
+                index=len(views),
+                name=image.name,
+                K=K,
+                R=np.asarray(pose.rotation.matrix(), dtype=np.float64),
+                t=np.asarray(pose.translation, dtype=np.float64),
+                width=w,
+                height=h,
+                points=pts,
+            )
+        )
+    return views
+
+
+def covisibility(sparse_dir: Path, views: list[View]) -> np.ndarray:
+    """Shared sparse points between every two views, (n, n)."""
+    rec = pycolmap.Reconstruction(str(sparse_dir))
+    col_of = {rec.find_image_with_name(v.name).image_id: v.index for v in views}
+    rows: list[int] = []
+    cols: list[int] = []
+    for k, point in enumerate(rec.points3D.values()):
+        for el in point.track.elements:
+            c = col_of.get(el.image_id)
+            if c is not None:
+                rows.append(k)
+                cols.append(c)
+    n = len(views)
+    if not rows:
+        return np.zeros((n, n))
+    inc = sparse.csr_matrix(
+        (np.ones(len(rows)), (rows, cols)), shape=(max(rows) + 1, n), dtype=np.float64
+    )
+    inc.data[:] = 1.0
+    co = (inc.T @ inc).toarray()
+    np.fill_diagonal(co, 0.0)
+    return np.asarray(co)
+
+
+def neighbours(views: list[View], co: np.ndarray) -> tuple[list[list[int]], list[list[int]]]:
+    """For each view: the views to match it with, and the views to check it against."""
+    centres = np.array([v.centre for v in views])
+    stereo_nb: list[list[int]] = []
+    check_nb: list[list[int]] = []
+    for v in views:
+        # where the view looks: its sparse points, or a unit ahead if it has none
+        anchor = np.median(v.points, axis=0) if len(v.points) else v.centre + v.R[2]
+        a = centres[v.index] - anchor
+        b = centres - anchor
+        cos = (b @ a) / np.maximum(np.linalg.norm(b, axis=1) * np.linalg.norm(a), 1e-12)
+        angle = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+        shared = co[v.index]
+        weight = np.clip(angle / BEST_PAIR_ANGLE, 0.0, 1.0) * np.clip(
+            (MAX_PAIR_ANGLE - angle) / 15.0, 0.0, 1.0
+        )
+        score = shared * weight
+        score[(angle < MIN_PAIR_ANGLE) | (shared <= 0)] = 0.0
+        score[v.index] = 0.0
+        order = [int(j) for j in np.argsort(-score) if score[j] > 0]
+        stereo_nb.append(order[:NUM_STEREO_NEIGHBOURS])
+        check = shared * (angle >= 1.0)
+        check[v.index] = 0.0
+        check_nb.append([int(j) for j in np.argsort(-check) if check[j] > 0][:NUM_CHECK_NEIGHBOURS])
+    return stereo_nb, check_nb
+
+
+# ---------------------------------------------------------------- pair matching
+
+
+@dataclass
+class Rectified:
+    """A pair of views rotated to a common orientation whose x axis is the baseline,
+    so that matching pixels share a row. The left view (`ref`) sees a point at column
+    u_ref, the right view at u_src = u_ref - disparity, with disparity = f * b / z + shift
+    and shift chosen so that every disparity in the scene's depth range is <= 0 (OpenCV's
+    matcher then loses no columns at the left border)."""
+
+    rotation: np.ndarray  # world -> rectified camera
+    f: float
+    cx_ref: float
+    cx_src: float
+    cy: float
+    size: tuple[int, int]  # width, height
+    h_ref: np.ndarray  # reference pixels -> rectified pixels
+    h_src: np.ndarray
+    baseline: float
+    min_disp: int
+    num_disp: int
+
+    @property
+    def shift(self) -> float:
+        return self.cx_ref - self.cx_src
+
+
+def _warp_corners(H: np.ndarray, w: int, h: int) -> np.ndarray | None:
+    c = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], dtype=np.float64)
+    p = c @ H.T
+    if np.any(p[:, 2] <= 1e-9):
+        return None
+    out: np.ndarray = p[:, :2] / p[:, 2:]
+    return out
+
+
+def rectify(ref: View, src: View) -> Rectified | None:
+    """Rectification of a pair with the source to the right; None if degenerate."""
+    base = src.centre - ref.centre
+    b = float(np.linalg.norm(base))
+    if b <= 1e-12 or len(ref.points) < 3:
+        return None
+    x = base / b
+    y = np.cross(ref.R[2] + src.R[2], x)
+    if np.linalg.norm(y) < 1e-9:
+        return None
+    y /= np.linalg.norm(y)
+    rot = np.stack([x, y, np.cross(x, y)])
+    f = float((ref.K[0, 0] + ref.K[1, 1]) / 2.0)
+    k0 = np.diag([f, f, 1.0])
+    to_ref = rot @ ref.R.T @ np.linalg.inv(ref.K)
+    to_src = rot @ src.R.T @ np.linalg.inv(src.K)
+    c_ref = _warp_corners(k0 @ to_ref, ref.width, ref.height)
+    c_src = _warp_corners(k0 @ to_src, src.width, src.height)
+    if c_ref is None or c_src is None:
+        return None
+    # depth range (along the rectified axis) of the sparse points the reference sees
+    zs = (ref.points - ref.centre) @ rot[2]
+    zs = zs[zs > 1e-9]
+    if len(zs) < 3:
+        return None
+    z_near, z_far = np.percentile(zs, 0.5) * 0.9, np.percentile(zs, 99.5) * 1.15
+    d_near, d_far = f * b / z_near, f * b / z_far  # true disparities, d_near > d_far
+    limit_w, limit_h = 2 * ref.width, 2 * ref.height
+    v_lo = min(c_ref[:, 1].min(), c_src[:, 1].min())
+    v_hi = max(c_ref[:, 1].max(), c_src[:, 1].max())
+    if v_hi - v_lo > limit_h:  # keep the rows around the reference image's centre
+        mid = float(c_ref[:, 1].mean())
+        v_lo, v_hi = mid - limit_h / 2, mid + limit_h / 2
+    cx_ref = -float(c_ref[:, 0].min())
+    cx_src = cx_ref + d_near  # measured disparity = d_true - d_near <= 0
+    num_disp = int(np.clip(int(np.ceil((d_near - d_far + 4) / 16.0)) * 16, 16, 512))
+    min_disp = 2 - num_disp
+    # the reference's columns plus the search range: source columns beyond are unused
+    width = min(c_ref[:, 0].max() + cx_ref + num_disp, c_src[:, 0].max() + cx_src) + 1
+    width_r = int(np.ceil(min(width, limit_w)))
+    height_r = int(np.ceil(v_hi - v_lo + 1))
+    cy = -v_lo
+    k_ref = np.array([[f, 0, cx_ref], [0, f, cy], [0, 0, 1.0]])
+    k_src = np.array([[f, 0, cx_src], [0, f, cy], [0, 0, 1.0]])
+    return Rectified(
+        rotation=rot,
+        f=f,
+        cx_ref=cx_ref,
+        cx_src=cx_src,
+        cy=cy,
+        size=(width_r, height_r),
+        h_ref=k_ref @ to_ref,
+        h_src=k_src @ to_src,
+        baseline=b,
+        min_disp=min_disp,
+        num_disp=num_disp,
+    )
+
+
+def _valid_area(view: View, H: np.ndarray, size: tuple[int, int], erode: int) -> np.ndarray:
+    ones = np.full((view.height, view.width), 255, np.uint8)
+    warped = cv2.warpPerspective(ones, H, size, flags=cv2.INTER_NEAREST)
+    out: np.ndarray = cv2.erode(warped, np.ones((erode, erode), np.uint8)) > 0
+    return out
+
+
+def _to_view(view: View, rect: Rectified, H: np.ndarray, cx: float, disp: np.ndarray) -> np.ndarray:
+    """Sample a rectified disparity map on a view's own pixel grid and turn it into the
+    view's depth map (NaN where unknown)."""
+    uu, vv = np.meshgrid(
+        np.arange(view.width, dtype=np.float64), np.arange(view.height, dtype=np.float64)
+    )
+    pr = np.stack([uu, vv, np.ones_like(uu)], axis=-1) @ H.T
+    ur = (pr[..., 0] / pr[..., 2]).astype(np.float32)
+    vr = (pr[..., 1] / pr[..., 2]).astype(np.float32)
+    d = cv2.remap(
+        disp, ur, vr, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan
+    )
+    d_true = d.astype(np.float64) - rect.shift
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z_rect = np.where(d_true > 0, rect.f * rect.baseline / d_true, np.nan)
+    m = view.R @ rect.rotation.T  # rectified camera -> view camera (same centre)
+    ray_z = m[2, 0] * (ur - cx) / rect.f + m[2, 1] * (vr - rect.cy) / rect.f + m[2, 2]
+    depth = (z_rect * ray_z).astype(np.float32)
+    depth[~(depth > 0)] = np.nan
+    return depth
+
+
+def pair_depths(
+    ref: View, src: View, ref_img: np.ndarray, src_img: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Depth maps of both views of a pair (NaN where unknown), from semi-global
+    matching in both directions with a left-right consistency check."""
+    rect = rectify(ref, src)
+    if rect is None:
+        return None
+    size = rect.size
+    left = cv2.warpPerspective(ref_img, rect.h_ref, size, flags=cv2.INTER_LINEAR)
+    right = cv2.warpPerspective(src_img, rect.h_src, size, flags=cv2.INTER_LINEAR)
+    block = 5
+    channels = 1 if ref_img.ndim == 2 else ref_img.shape[2]
+    sgbm = cv2.StereoSGBM.create(
+        minDisparity=rect.min_disp,
+        numDisparities=rect.num_disp,
+        blockSize=block,
+        P1=8 * channels * block * block,
+        P2=32 * channels * block * block,
+        disp12MaxDiff=-1,
+        preFilterCap=63,
+        uniquenessRatio=10,
+        speckleWindowSize=100,
+        speckleRange=2,
+        mode=cv2.STEREO_SGBM_MODE_SGBM_3WAY,
+    )
+    disp_l = sgbm.compute(left, right).astype(np.float32) / 16.0
+    # right-view disparities: match the mirrored pair (the disparity keeps its sign)
+    flipped = sgbm.compute(
+        np.ascontiguousarray(right[:, ::-1]), np.ascontiguousarray(left[:, ::-1])
+    )
+    disp_r = np.ascontiguousarray(flipped[:, ::-1]).astype(np.float32) / 16.0
+    invalid = rect.min_disp - 0.5
+    in_l = _valid_area(ref, rect.h_ref, size, block)
+    in_r = _valid_area(src, rect.h_src, size, block)
+    width = size[0]
+    cols = np.arange(width, dtype=np.float32)[None, :]
+
+    def checked(
+        disp: np.ndarray, other: np.ndarray, sign: float, own: np.ndarray, seen: np.ndarray
+    ) -> np.ndarray:
+        target = np.rint(cols - sign * disp).astype(np.int64)
+        inside = (target >= 0) & (target < width)
+        target = np.clip(target, 0, width - 1)
+        other_at = np.take_along_axis(other, target, axis=1)
+        seen_at = np.take_along_axis(seen, target, axis=1)
+        ok = (
+            (disp > invalid)
+            & (other_at > invalid)
+            & inside
+            & own
+            & seen_at
+            & (np.abs(disp - other_at) <= LR_MAX_DIFF)
+        )
+        out: np.ndarray = np.where(ok, disp, np.nan).astype(np.float32)
+        return out
+
+    left_ok = checked(disp_l, disp_r, 1.0, in_l, in_r)
+    right_ok = checked(disp_r, disp_l, -1.0, in_r, in_l)
+    return (
+        _to_view(ref, rect, rect.h_ref, rect.cx_ref, left_ok),
+        _to_view(src, rect, rect.h_src, rect.cx_src, right_ok),
+    )
+
+
+def combine_pairs(candidates: list[np.ndarray]) -> np.ndarray:
+    """One depth per pixel from several pairs: the mean of the depths that agree with the
+    median, where at least two pairs agree (one, if there is only one pair)."""
+    stack = np.stack(candidates)
+    need = min(MIN_AGREEING_PAIRS, len(candidates))
+    # median of the finite values per pixel (NaN sorts last)
+    ordered = np.sort(stack, axis=0)
+    count = np.isfinite(stack).sum(axis=0)
+    lower = np.take_along_axis(ordered, np.maximum(count - 1, 0)[None] // 2, axis=0)[0]
+    upper = np.take_along_axis(ordered, (count // 2)[None], axis=0)[0]
+    med = np.where(count > 0, (lower + upper) / 2.0, np.nan)
+    with np.errstate(invalid="ignore"):
+        agree = np.abs(stack - med[None]) <= PAIR_AGREEMENT * med[None]
+    n = agree.sum(axis=0)
+    total = np.where(agree, stack, 0.0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(n >= need, total / np.maximum(n, 1), np.nan)
+    return out.astype(np.float32)
+
+
+def texture_mask(gray: np.ndarray, radius: int = 2) -> np.ndarray:
+    g = gray.astype(np.float32)
+    k = (2 * radius + 1, 2 * radius + 1)
+    mean = cv2.blur(g, k)
+    var = cv2.blur(g * g, k) - mean * mean
+    mask: np.ndarray = var >= MIN_TEXTURE_STD**2
+    return mask
+
+
+def back_project(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Camera-frame points (H, W, 3) of a depth map (NaN where unknown)."""
+    h, w = depth.shape
+    uu, vv = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+    x = (uu - K[0, 2]) / K[0, 0]
+    y = (vv - K[1, 2]) / K[1, 1]
+    d = depth.astype(np.float64)
+    return np.stack([x * d, y * d, d], axis=-1)
+
+
+def normals_from_depth(depth: np.ndarray, K: np.ndarray, radius: int = 3) -> np.ndarray:
+    """Unit normals (H, W, 3) in camera coordinates, facing the camera, from a plane fit
+    over a (2r+1)^2 window of valid pixels; zero where there are too few."""
+    h, w = depth.shape
+    valid = np.isfinite(depth) & (depth > 0)
+    normals = np.zeros((h, w, 3), np.float32)
+    if not valid.any():
+        return normals
+    pts = back_project(np.where(valid, depth, 0.0), K)
+    # centre on the pixel's own point to keep the sums well conditioned
+    ksize = (2 * radius + 1, 2 * radius + 1)
+    wgt = valid.astype(np.float64)
+
+    def box(a: np.ndarray) -> np.ndarray:
+        out: np.ndarray = cv2.boxFilter(a, cv2.CV_64F, ksize, normalize=False)
+        return out
+
+    n = box(wgt)
+    s = [box(wgt * pts[..., i]) for i in range(3)]
+    ss = {}
+    for i in range(3):
+        for j in range(i, 3):
+            ss[i, j] = box(wgt * pts[..., i] * pts[..., j])
+    enough = valid & (n >= max(4.0, 0.4 * ksize[0] * ksize[1]))
+    idx = np.nonzero(enough)
+    if len(idx[0]) == 0:
+        return normals
+    cnt = n[idx]
+    mean = np.stack([s[i][idx] / cnt for i in range(3)], axis=-1)
+    cov = np.empty((len(cnt), 3, 3))
+    for i in range(3):
+        for j in range(i, 3):
+            c = ss[i, j][idx] / cnt - mean[:, i] * mean[:, j]
+            cov[:, i, j] = c
+            cov[:, j, i] = c
+    _, vecs = np.linalg.eigh(cov)
+    nrm = vecs[:, :, 0]
+    p = pts[idx]
+    flip = np.einsum("ij,ij->i", nrm, p) > 0
+    nrm[flip] *= -1.0
+    normals[idx] = nrm.astype(np.float32)
+    return normals
+
+
+def geometric_filter(
+    view: View, depth: np.ndarray, others: list[tuple[View, np.ndarray]]
+) -> np.ndarray:
+    """Keep the depths that at least MIN_CONSISTENT_VIEWS other views agree with."""
+    valid = np.isfinite(depth)
+    if not others or not valid.any():
+        return depth
+    idx = np.nonzero(valid)
+    pc = back_project(depth, view.K)[idx]  # (n, 3) camera frame
+    world = (pc - view.t) @ view.R  # R^T (p - t)
+    count = np.zeros(len(pc), np.int32)
+    for other, odepth in others:
+        xc = world @ other.R.T + other.t
+        z = xc[:, 2]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            u = np.rint(other.K[0, 0] * xc[:, 0] / z + other.K[0, 2])
+            v = np.rint(other.K[1, 1] * xc[:, 1] / z + other.K[1, 2])
+        inside = (z > 0) & (u >= 0) & (u < other.width) & (v >= 0) & (v < other.height)
+        ui = np.where(inside, u, 0).astype(np.int64)
+        vi = np.where(inside, v, 0).astype(np.int64)
+        od = odepth[vi, ui]
+        with np.errstate(invalid="ignore"):
+            ok = inside & (np.abs(od - z) <= GEOMETRIC_AGREEMENT * z)
+        count += ok
+    need = min(MIN_CONSISTENT_VIEWS, len(others))
+    out = np.full_like(depth, np.nan)
+    keep = count >= need
+    out[idx[0][keep], idx[1][keep]] = depth[idx[0][keep], idx[1][keep]]
+    return out
+
+
+# ---------------------------------------------------------------- CPU engine
+
+
+def _load_image(path: Path, view: View) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise PermanentError(f"cannot read image {path}", stage=STAGE)
+    if img.shape[1] != view.width or img.shape[0] != view.height:
+        img = cv2.resize(img, (view.width, view.height), interpolation=cv2.INTER_AREA)
+    return img
+
+
+def _to_colmap(depth: np.ndarray) -> np.ndarray:
+    out: np.ndarray = np.where(np.isfinite(depth), depth, 0.0).astype(np.float32)
+    return out
+
+
+def _from_colmap(depth: np.ndarray) -> np.ndarray:
+    out: np.ndarray = np.where(depth > 0, depth, np.nan).astype(np.float32)
+    return out
+
+
+def _parallel(
+    items: list[int],
+    work: Callable[[int], Any],
+    workers: int,
+    ctx: StageContext,
+    on_done: Callable[[int], None],
+) -> None:
+    """Run work(item) for every item on `workers` threads; check for a cancel between
+    items (on this thread: ctx.cancelled may not be thread-safe)."""
+    stop = threading.Event()
+
+    def guarded(item: int) -> Any:
+        if stop.is_set():
+            return None
+        return work(item)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: set[Future[Any]] = set()
+        queue = list(items)
+        done = 0
+        try:
+            while queue or pending:
+                while queue and len(pending) < workers * 2:
+                    pending.add(pool.submit(guarded, queue.pop(0)))
+                finished_now, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in finished_now:
+                    fut.result()
+                    done += 1
+                    on_done(done)
+                if ctx.cancelled():
+                    raise Cancelled()
+        except BaseException:
+            stop.set()
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+def run_cpu(ctx: StageContext, out: Path, max_size: int) -> dict[str, Any]:
+    undistort = ctx.stage_dir("undistort")
+    views = load_views(undistort / "sparse", max_size)
+    if not views:
+        raise PermanentError("the sparse model has no registered images", stage=STAGE)
+    co = covisibility(undistort / "sparse", views)
+    stereo_nb, check_nb = neighbours(views, co)
+    # each pair is matched once and gives depths for both of its views
+    pairs = sorted({(min(i, j), max(i, j)) for i, nb in enumerate(stereo_nb) for j in nb})
+    depth_dir = out / "stereo" / DEPTH_DIR
+    normal_dir = out / "stereo" / NORMAL_DIR
+    scratch = out / ".pairs"
+    scratch.mkdir()
+    images_dir = undistort / "images"
+    workers = num_threads(ctx)
+    cv2.setNumThreads(1 if workers > 1 else 0)
+    n, n_pairs = len(views), len(pairs)
+
+    def match(k: int) -> None:
+        i, j = pairs[k]
+        a, b = views[i], views[j]
+        depths = pair_depths(
+            a, b, _load_image(images_dir / a.name, a), _load_image(images_dir / b.name, b)
+        )
+        if depths is not None:
+            np.save(scratch / f"{i}-{j}.{i}.npy", depths[0])
+            np.save(scratch / f"{i}-{j}.{j}.npy", depths[1])
+
+    def photometric(i: int) -> None:
+        view = views[i]
+        cands = [np.load(p) for p in sorted(scratch.glob(f"*.{i}.npy"))]
+        if cands:
+            depth = combine_pairs(cands)
+            gray = cv2.cvtColor(_load_image(images_dir / view.name, view), cv2.COLOR_BGR2GRAY)
+            depth[~texture_mask(gray)] = np.nan
+        else:
+            depth = np.full((view.height, view.width), np.nan, np.float32)
+        name = f"{view.name}.photometric.bin"
+        write_colmap_array(depth_dir / name, _to_colmap(depth))
+        write_colmap_array(normal_dir / name, normals_from_depth(depth, view.K))
+
+    stats: dict[int, float] = {}
+
+    def load_photometric(view: View) -> np.ndarray:
+        return _from_colmap(read_colmap_array(depth_dir / f"{view.name}.photometric.bin"))
+
+    def geometric(i: int) -> None:
+        view = views[i]
+        others = [(views[j], load_photometric(views[j])) for j in check_nb[i]]
+        depth = geometric_filter(view, load_photometric(view), others)
+        stats[i] = float(np.isfinite(depth).mean())
+        name = f"{view.name}.geometric.bin"
+        write_colmap_array(depth_dir / name, _to_colmap(depth))
+        write_colmap_array(normal_dir / name, normals_from_depth(depth, view.K))
+
+    def on_pair(done: int) -> None:
+        ctx.progress(0.75 * done / max(1, n_pairs), f"stereo pairs {done}/{n_pairs}")
+
+    def on_photometric(done: int) -> None:
+        ctx.progress(0.75 + 0.1 * done / n, f"depth maps {done}/{n}")
+
+    def on_geometric(done: int) -> None:
+        ctx.progress(0.85 + 0.15 * done / n, f"consistency check {done}/{n}")
+
+    ctx.progress(0.0, f"stereo pairs 0/{n_pairs}")
+    timer = Timer()
+    _parallel(list(range(n_pairs)), match, workers, ctx, on_pair)
+    t_match = timer.seconds
+    _parallel(list(range(n)), photometric, workers, ctx, on_photometric)
+    shutil.rmtree(scratch)
+    t_photometric = timer.seconds
+    _parallel(list(range(n)), geometric, workers, ctx, on_geometric)
+    write_configs(out, [v.name for v in views], [[views[j].name for j in nb] for nb in stereo_nb])
+    return {
+        "engine": "opencv-sgbm",
+        "depth_maps": n,
+        "stereo_pairs": n_pairs,
+        "depth_map_size": [views[0].width, views[0].height],
+        "valid_fraction": round(float(np.mean(list(stats.values()))), 4) if stats else 0.0,
+        "seconds_matching": t_match,
+        "seconds_depth_maps": round(t_photometric - t_match, 3),
+        "seconds_consistency": round(timer.seconds - t_photometric, 3),
+        "threads": workers,
+    }
+
+
+# ---------------------------------------------------------------- GPU engine
+
+
+def run_gpu(ctx: StageContext, out: Path, max_size: int) -> dict[str, Any]:
+    rec = pycolmap.Reconstruction(str(ctx.stage_dir("undistort") / "sparse"))
+    names = [rec.images[i].name for i in sorted(rec.reg_image_ids())]
+    write_configs(out, names, None)
+    options = pycolmap.PatchMatchOptions()
+    options.max_image_size = max_size
+    options.geom_consistency = True
+    options.filter = True
+    token = pycolmap.CancellationToken()
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            pycolmap.patch_match_stereo(
+                str(out), workspace_format="COLMAP", options=options, cancellation_token=token
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="patch-match", daemon=True)
+    thread.start()
+    depth_dir = out / "stereo" / DEPTH_DIR
+    n = max(1, len(names))
+    while thread.is_alive():
+        thread.join(1.0)
+        if ctx.cancelled():
+            token.cancel()
+            thread.join()
+            raise Cancelled()
+        photometric = len(list(depth_dir.glob("*.photometric.bin")))
+        geometric = len(list(depth_dir.glob("*.geometric.bin")))
+        ctx.progress(
+            min(1.0, (photometric + geometric) / (2 * n)),
+            f"depth maps {photometric}/{n}, consistency {geometric}/{n}",
+        )
+    if failure:
+        exc = failure[0]
+        raise TransientError(f"PatchMatch stereo failed: {exc}", stage=STAGE) from exc
+    made = len(list(depth_dir.glob("*.geometric.bin")))
+    if made == 0:
+        raise TransientError("PatchMatch stereo wrote no depth maps", stage=STAGE)
+    return {"engine": "colmap-patch-match", "depth_maps": made, "max_image_size": max_size}
+
+
+# ---------------------------------------------------------------- stage
+
+
+def write_configs(out: Path, names: list[str], sources: list[list[str]] | None) -> None:
+    stereo = out / "stereo"
+    lines = []
+    for k, name in enumerate(names):
+        lines.append(name)
+        if sources is None or not sources[k]:
+            lines.append("__auto__, 20")
+        else:
+            lines.append(", ".join(sources[k]))
+    (stereo / "patch-match.cfg").write_text("\n".join(lines) + "\n")
+    (stereo / "fusion.cfg").write_text("\n".join(names) + "\n")
+
+
+def _prepare(out: Path) -> None:
+    """Make `out` a COLMAP dense workspace that shares undistort's images and model."""
+    for name in ("images", "sparse"):
+        os.symlink(os.path.join("..", "undistort", name), out / name)
+    for sub in (DEPTH_DIR, NORMAL_DIR, "consistency_graphs"):
+        (out / "stereo" / sub).mkdir(parents=True)
+
+
+def run(ctx: StageContext) -> StageResult:
+    done = finished(ctx, STAGE)
+    if done is not None:
+        return done
+    require(ctx, STAGE, "undistort", "sparse")
+    require(ctx, STAGE, "undistort", "images")
+    timer = Timer()
+    device = choose_device(ctx.device)
+    max_size = stage_preset(ctx).stereo_max_size
+    with building(ctx, STAGE) as out:
+        _prepare(out)
+        engine = run_gpu if device == "gpu" else run_cpu
+        metrics = engine(ctx, out, max_size)
+        metrics.update(device=device, stereo_max_size=max_size, seconds=timer.seconds)
+        result = record(out, StageResult(metrics=metrics, device=device))
+    ctx.progress(1.0, f"{metrics['depth_maps']} depth maps ({device})")
+    return result

@@ -1,0 +1,319 @@
+"""The dense half of the real pipeline (stereo .. export) on the rendered demo scene,
+scored against its ground truth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycolmap
+import pytest
+import trimesh
+
+from pipeline import (
+    Cancelled,
+    JobSpec,
+    PermanentError,
+    StageContext,
+    StageResult,
+    run_stage,
+)
+from pipeline.evaluate import evaluate, umeyama
+from pipeline.stages import stereo
+from pipeline.stages._dense import read_metrics
+
+Sparse = tuple[Path, dict[str, StageResult]]
+MakeContext = Callable[..., StageContext]
+
+DENSE_STAGES = ("stereo", "fusion", "meshing", "color", "export")
+MIN_FSCORE = 0.8  # at 1% of the ground truth's bounding-box diagonal
+
+
+def _context(workspace: Path, images: Path, quality: str, **kwargs: Any) -> StageContext:
+    spec = JobSpec(
+        project="demo",
+        images=images,
+        quality=quality,
+        formats=kwargs.pop("formats", ("glb",)),
+        job_id="t1",
+    )
+    return StageContext(spec=spec, workspace=workspace, results_dir=workspace / "results", **kwargs)
+
+
+def _copy_sparse(src: Path, dst: Path, *, with_undistort: bool = True) -> Path:
+    ignore = None if with_undistort else shutil.ignore_patterns("undistort")
+    shutil.copytree(src, dst, symlinks=True, ignore=ignore)
+    return dst
+
+
+def _run_dense(
+    workspace: Path, images: Path, quality: str, **kwargs: Any
+) -> dict[str, StageResult]:
+    results = {}
+    for name in DENSE_STAGES:
+        results[name] = run_stage(name, _context(workspace, images, quality, **kwargs))
+    return results
+
+
+@pytest.fixture(scope="module")
+def dense_low(
+    sparse_workspace: Sparse, demo_scene: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, StageResult]]:
+    """The dense stages at quality "low" on the shared sparse workspace (low)."""
+    workspace = _copy_sparse(sparse_workspace[0], tmp_path_factory.mktemp("dense") / "low")
+    return workspace, _run_dense(workspace, demo_scene / "images", "low", formats=("glb",))
+
+
+@pytest.fixture(scope="module")
+def dense_medium(
+    sparse_workspace: Sparse, demo_scene: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, StageResult]]:
+    """Undistort again at "medium" (its image size follows the preset), then the dense
+    stages at "medium"."""
+    workspace = _copy_sparse(
+        sparse_workspace[0], tmp_path_factory.mktemp("dense") / "medium", with_undistort=False
+    )
+    images = demo_scene / "images"
+    run_stage("undistort", _context(workspace, images, "medium"))
+    return workspace, _run_dense(workspace, images, "medium", formats=("glb",))
+
+
+def _fscore(workspace: Path, demo_scene: Path) -> dict[str, Any]:
+    score = evaluate(
+        workspace / "color" / "mesh.ply",
+        demo_scene / "ground_truth",
+        workspace / "undistort" / "sparse",
+        samples=100_000,
+    )
+    return score.to_json()
+
+
+# ---------------------------------------------------------------- units
+
+
+def test_colmap_array_round_trip(tmp_path: Path) -> None:
+    depth = np.random.default_rng(0).random((7, 5)).astype(np.float32)
+    normals = np.random.default_rng(1).random((7, 5, 3)).astype(np.float32)
+    stereo.write_colmap_array(tmp_path / "d.bin", depth)
+    stereo.write_colmap_array(tmp_path / "n.bin", normals)
+    assert (tmp_path / "d.bin").read_bytes().startswith(b"5&7&1&")
+    assert np.array_equal(stereo.read_colmap_array(tmp_path / "d.bin"), depth)
+    assert np.array_equal(stereo.read_colmap_array(tmp_path / "n.bin"), normals)
+    # COLMAP's layout: whole channels one after another, each row-major
+    raw = np.frombuffer((tmp_path / "n.bin").read_bytes()[6:], "<f4")
+    assert np.array_equal(raw[:35], normals[:, :, 0].ravel())
+
+
+def test_normals_of_a_plane_face_the_camera() -> None:
+    K = np.array([[100.0, 0, 32], [0, 100.0, 24], [0, 0, 1]])
+    uu, vv = np.meshgrid(np.arange(64.0), np.arange(48.0))
+    # the plane z = 2 + 0.5 x, seen by a camera at the origin
+    x = (uu - 32) / 100
+    depth = (2.0 / (1.0 - 0.5 * x)).astype(np.float32)
+    n = stereo.normals_from_depth(depth, K)
+    expected = np.array([0.5, 0.0, -1.0]) / np.linalg.norm([0.5, 0.0, -1.0])
+    inner = n[5:-5, 5:-5].reshape(-1, 3)
+    assert np.allclose(inner, expected, atol=1e-3)
+
+
+def test_umeyama_recovers_a_similarity() -> None:
+    rng = np.random.default_rng(0)
+    src = rng.normal(size=(10, 3))
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    rot = q * np.sign(np.linalg.det(q))
+    dst = 2.5 * src @ rot.T + np.array([1.0, -2.0, 0.5])
+    s, r, t = umeyama(src, dst)
+    assert s == pytest.approx(2.5)
+    assert np.allclose(r, rot)
+    assert np.allclose(t, [1.0, -2.0, 0.5])
+
+
+def test_gpu_request_without_gpu_is_a_permanent_error(tmp_path: Path) -> None:
+    if stereo.cuda_device_count() > 0:
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(PermanentError, match="device=gpu"):
+        stereo.choose_device("gpu")
+    assert stereo.choose_device("auto") == "cpu"
+    assert stereo.choose_device("cpu") == "cpu"
+
+
+# ---------------------------------------------------------------- failures
+
+
+def test_empty_cloud_is_a_permanent_error_not_a_crash(
+    sparse_workspace: Sparse, demo_scene: Path, tmp_path: Path
+) -> None:
+    """Depth maps with nothing in them fuse to an empty cloud: fusion must fail cleanly
+    (Poisson on an empty cloud would crash the process) and meshing must refuse too."""
+    workspace = _copy_sparse(sparse_workspace[0], tmp_path / "ws")
+    images = demo_scene / "images"
+    out = workspace / "stereo"
+    out.mkdir()
+    stereo._prepare(out)
+    model = pycolmap.Reconstruction(workspace / "undistort" / "sparse")
+    names = [model.images[i].name for i in model.reg_image_ids()]
+    cam = next(iter(model.cameras.values()))
+    for name in names:
+        for kind, shape in (("depth_maps", (cam.height, cam.width)), ("normal_maps", None)):
+            data = np.zeros(shape or (cam.height, cam.width, 3), np.float32)
+            stereo.write_colmap_array(out / "stereo" / kind / f"{name}.geometric.bin", data)
+    stereo.write_configs(out, names, None)
+    (out / "metrics.json").write_text(json.dumps({"metrics": {"engine": "test"}}))
+
+    with pytest.raises(PermanentError, match="fused point cloud has 0 points"):
+        run_stage("fusion", _context(workspace, images, "low"))
+    assert not (workspace / "fusion").exists()
+
+    (workspace / "fusion").mkdir()
+    (workspace / "fusion" / "fused.ply").write_text(
+        "ply\nformat ascii 1.0\nelement vertex 0\nproperty float x\nproperty float y\n"
+        "property float z\nend_header\n"
+    )
+    with pytest.raises(PermanentError, match="empty"):
+        run_stage("meshing", _context(workspace, images, "low"))
+
+
+def test_cancel_stops_stereo_and_publishes_nothing(
+    sparse_workspace: Sparse, demo_scene: Path, tmp_path: Path
+) -> None:
+    workspace = _copy_sparse(sparse_workspace[0], tmp_path / "ws")
+    seen: list[str] = []
+
+    def progress(fraction: float, message: str) -> None:
+        seen.append(message)
+
+    ctx = _context(
+        workspace,
+        demo_scene / "images",
+        "low",
+        progress=progress,
+        cancelled=lambda: len(seen) > 0,
+        device="cpu",
+    )
+    with pytest.raises(Cancelled):
+        run_stage("stereo", ctx)
+    assert not (workspace / "stereo").exists()
+    assert not list(workspace.glob(".stereo.tmp-*"))
+
+
+# ---------------------------------------------------------------- the scene
+
+
+def test_low_quality_mesh_matches_ground_truth(
+    dense_low: tuple[Path, dict[str, StageResult]], demo_scene: Path
+) -> None:
+    workspace, results = dense_low
+    score = _fscore(workspace, demo_scene)
+    timings = {k: r.metrics.get("seconds") for k, r in results.items()}
+    print(f"\nlow: {score}\ntimings: {timings}")
+    assert results["stereo"].device == "cpu"
+    assert results["stereo"].metrics["device"] == "cpu"
+    assert score["fscore"] >= MIN_FSCORE, score
+    assert results["meshing"].metrics["faces"] <= 50_000
+
+
+def test_medium_quality_mesh_matches_ground_truth(
+    dense_medium: tuple[Path, dict[str, StageResult]], demo_scene: Path
+) -> None:
+    workspace, results = dense_medium
+    score = _fscore(workspace, demo_scene)
+    timings = {k: r.metrics.get("seconds") for k, r in results.items()}
+    print(f"\nmedium: {score}\ntimings: {timings}")
+    assert score["fscore"] >= MIN_FSCORE, score
+    assert results["meshing"].metrics["faces"] <= 200_000
+
+
+def test_glb_loads_back_with_vertex_colours(
+    dense_low: tuple[Path, dict[str, StageResult]],
+) -> None:
+    workspace, results = dense_low
+    exports = {e.format: e.path for e in results["export"].exports}
+    assert set(exports) == {"glb", "png", "json"}
+    glb = exports["glb"]
+    assert glb == workspace / "results" / "t1_textured_mesh_poisson.glb"
+    mesh = trimesh.load(glb, force="mesh")
+    assert isinstance(mesh, trimesh.Trimesh)
+    assert len(mesh.faces) == results["meshing"].metrics["faces"]
+    assert isinstance(mesh.visual, trimesh.visual.ColorVisuals)
+    colours = np.asarray(mesh.visual.vertex_colors)
+    assert colours.shape == (len(mesh.vertices), 4)
+    assert colours[:, :3].std() > 10  # real colours, not one flat default
+    assert not list((workspace / "results").glob(".*"))  # no temporary files left
+
+
+def test_report_and_preview(dense_low: tuple[Path, dict[str, StageResult]]) -> None:
+    workspace, results = dense_low
+    report = json.loads((workspace / "results" / "t1_report.json").read_text())
+    assert report["device"] == "cpu"
+    assert report["images_registered"] == report["images_total"] == 16
+    assert 0 < report["mean_reprojection_error_px"] < 2
+    assert report["dense_points"] == results["fusion"].metrics["points"]
+    assert report["mesh"]["faces"] == results["meshing"].metrics["faces"]
+    assert {"stereo", "fusion", "meshing", "color", "mapping"} <= set(report["timings_s"])
+    png = workspace / "results" / "t1_preview.png"
+    from PIL import Image
+
+    with Image.open(png) as img:
+        pixels = np.asarray(img.convert("RGB"))
+    assert pixels.shape == (600, 800, 3)
+    background = pixels[0, 0]
+    assert (np.abs(pixels.astype(int) - background).sum(axis=2) > 30).mean() > 0.05
+
+
+def test_export_again_with_other_formats_redoes_only_export(
+    dense_low: tuple[Path, dict[str, StageResult]], demo_scene: Path
+) -> None:
+    workspace, _ = dense_low
+    before = {
+        name: (workspace / name / "metrics.json").stat().st_mtime_ns
+        for name in ("stereo", "fusion", "meshing", "color")
+    }
+    ctx = _context(workspace, demo_scene / "images", "low", formats=("ply", "obj"))
+    for name in ("stereo", "fusion", "meshing", "color", "export"):
+        result = run_stage(name, ctx)
+    assert {e.format for e in result.exports} == {"ply", "obj", "png", "json"}
+    after = {name: (workspace / name / "metrics.json").stat().st_mtime_ns for name in before}
+    assert before == after
+    ply = trimesh.load(workspace / "results" / "t1_textured_mesh_poisson.ply", force="mesh")
+    obj = trimesh.load(workspace / "results" / "t1_textured_mesh_poisson.obj", force="mesh")
+    assert isinstance(ply, trimesh.Trimesh) and isinstance(obj, trimesh.Trimesh)
+    assert len(ply.faces) == len(obj.faces) > 0
+    assert isinstance(ply.visual, trimesh.visual.ColorVisuals)
+    assert np.asarray(ply.visual.vertex_colors)[:, :3].std() > 10
+    assert read_metrics(workspace, "export")["formats"] == ["ply", "obj"]
+
+
+def test_full_pipeline_on_the_demo_scene(demo_scene: Path, tmp_path: Path) -> None:
+    """pipeline.run from photos to exports, every stage in order, on a fresh workspace."""
+    from pipeline import STAGES, run
+
+    spec = JobSpec(
+        project="demo",
+        images=demo_scene / "images",
+        quality="low",
+        formats=("glb", "ply"),
+        job_id="full",
+    )
+    fractions: list[float] = []
+    results = run(
+        spec,
+        tmp_path / "ws",
+        progress=lambda f, m: fractions.append(f),
+        results_dir=tmp_path / "results",
+        device="auto",
+    )
+    assert list(results) == list(STAGES)
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert {e.format for e in results["export"].exports} == {"glb", "ply", "png", "json"}
+    assert all(e.path.parent == tmp_path / "results" for e in results["export"].exports)
+    score = evaluate(
+        tmp_path / "ws" / "color" / "mesh.ply",
+        demo_scene / "ground_truth",
+        tmp_path / "ws" / "undistort" / "sparse",
+        samples=50_000,
+    )
+    assert score.fscore >= MIN_FSCORE, score

@@ -1,0 +1,217 @@
+"""The sparse half of the real pipeline (ingest .. undistort) on the rendered demo scene,
+checked against its ground truth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycolmap
+import pytest
+from PIL import Image
+
+from pipeline import Cancelled, PermanentError, StageContext, StageResult, run_stage
+from pipeline.stages.features import camera_groups
+from pipeline.stages.matching import choose_matcher, make_pairs
+
+Sparse = tuple[Path, dict[str, StageResult]]
+MakeContext = Callable[..., StageContext]
+
+# Measured on the demo scene: centre errors ~0.05% of the scene size, focal within 0.2%.
+MAX_CENTRE_ERROR = 0.01  # of the scene size
+MAX_FOCAL_ERROR = 0.02  # relative
+MAX_REPROJECTION_ERROR = 1.5  # px
+
+
+def test_every_image_registered(sparse_workspace: Sparse, ground_truth: dict[str, Any]) -> None:
+    _, results = sparse_workspace
+    n_images = len(ground_truth["images"])
+    metrics = results["mapping"].metrics
+    assert metrics["total"] == n_images
+    assert metrics["registered"] == n_images, metrics["unregistered"]
+    assert metrics["models"] == 1
+    assert metrics["points"] > 1000
+    assert 0 < metrics["mean_reprojection_error"] < MAX_REPROJECTION_ERROR
+
+
+def test_camera_centres_match_ground_truth(
+    sparse_workspace: Sparse, ground_truth: dict[str, Any]
+) -> None:
+    workspace, _ = sparse_workspace
+    model = pycolmap.Reconstruction(workspace / "mapping" / "sparse" / "0")
+    names = sorted(image.name for image in model.images.values())
+    estimated = np.array([model.find_image_with_name(n).projection_center() for n in names])
+    truth = np.array([ground_truth["images"][n]["centre"] for n in names])
+    sim = pycolmap.estimate_sim3d(estimated, truth)
+    assert sim is not None
+    matrix = np.asarray(sim.matrix())
+    aligned = estimated @ matrix[:, :3].T + matrix[:, 3]
+    errors = np.linalg.norm(aligned - truth, axis=1)
+    assert errors.max() < MAX_CENTRE_ERROR * ground_truth["scene_size"], errors
+    focal = model.cameras[next(iter(model.cameras))].params[0]
+    assert abs(focal - ground_truth["focal_px"]) < MAX_FOCAL_ERROR * ground_truth["focal_px"]
+
+
+def test_features_share_one_camera_with_exif_prior(
+    sparse_workspace: Sparse, ground_truth: dict[str, Any]
+) -> None:
+    workspace, results = sparse_workspace
+    assert results["features"].metrics["cameras"] == 1
+    images = json.loads((workspace / "ingest" / "images.json").read_text())["images"]
+    assert len(images) == len(ground_truth["images"])
+    for image in images:
+        assert image["focal_px"] == pytest.approx(ground_truth["focal_px"], rel=1e-3)
+
+
+def test_undistort_writes_a_dense_workspace(
+    sparse_workspace: Sparse, ground_truth: dict[str, Any]
+) -> None:
+    workspace, results = sparse_workspace
+    dense = workspace / "undistort"
+    assert len(list((dense / "images").iterdir())) == len(ground_truth["images"])
+    for name in ("cameras.bin", "images.bin", "points3D.bin"):
+        assert (dense / "sparse" / name).is_file()
+    for name in ("depth_maps", "normal_maps", "consistency_graphs"):
+        assert (dense / "stereo" / name).is_dir()
+    assert (dense / "stereo" / "patch-match.cfg").is_file()
+    model = pycolmap.Reconstruction(dense / "sparse")
+    for camera in model.cameras.values():
+        assert camera.model.name == "PINHOLE"
+        assert max(camera.width, camera.height) <= results["undistort"].metrics["stereo_max_size"]
+    # nothing half-built is left beside the published folders
+    assert not [p for p in workspace.iterdir() if p.name.startswith(".")]
+
+
+def test_finished_stages_return_their_recorded_result(
+    sparse_workspace: Sparse, stage_context: MakeContext
+) -> None:
+    workspace, results = sparse_workspace
+    for name in ("ingest", "features", "matching", "mapping", "undistort"):
+        ctx = stage_context(workspace, Path("/nonexistent"))  # inputs are not read again
+        assert run_stage(name, ctx).metrics == results[name].metrics
+
+
+def _copy_images(demo_scene: Path, dest: Path, count: int) -> list[Path]:
+    dest.mkdir(parents=True)
+    sources = sorted((demo_scene / "images").glob("*.jpg"))[:count]
+    return [Path(shutil.copy(src, dest / src.name)) for src in sources]
+
+
+def test_ingest_rejects_a_corrupt_image_naming_it(
+    demo_scene: Path, tmp_path: Path, stage_context: MakeContext
+) -> None:
+    images = tmp_path / "photos"
+    copies = _copy_images(demo_scene, images, 4)
+    data = copies[0].read_bytes()
+    (images / "broken photo.jpg").write_bytes(data[: len(data) // 3])  # truncated
+    (images / "notes.txt").write_text("not an image, skipped")
+    workspace = tmp_path / "ws"
+    with pytest.raises(PermanentError) as info:
+        run_stage("ingest", stage_context(workspace, images))
+    assert "broken photo.jpg" in str(info.value)
+    assert not (workspace / "ingest").exists()
+    assert not [p for p in workspace.iterdir() if p.name.startswith(".ingest")]
+
+
+def test_ingest_rejects_too_few_images(
+    demo_scene: Path, tmp_path: Path, stage_context: MakeContext
+) -> None:
+    images = tmp_path / "photos"
+    _copy_images(demo_scene, images, 2)
+    with pytest.raises(PermanentError, match="at least 3"):
+        run_stage("ingest", stage_context(tmp_path / "ws", images))
+
+
+def test_ingest_resizes_mixed_sizes_and_scales_the_focal_prior(
+    demo_scene: Path, tmp_path: Path, ground_truth: dict[str, Any], stage_context: MakeContext
+) -> None:
+    images = tmp_path / "photos"
+    copies = _copy_images(demo_scene, images, 3)
+    with Image.open(copies[0]) as im:  # a larger copy with its EXIF
+        exif = im.getexif()
+        im.resize((1280, 960)).save(images / "large.jpg", exif=exif)
+    Image.open(copies[1]).save(images / "no_exif.png")  # PNG, no EXIF
+    with Image.open(copies[2]) as im:  # stored sideways, EXIF says rotate 90 degrees
+        exif = im.getexif()
+        exif[0x0112] = 6
+        im.save(images / "portrait.jpg", exif=exif)
+    workspace = tmp_path / "ws"
+    result = run_stage("ingest", stage_context(workspace, images))  # low: max side 800
+    assert result.metrics["images"] == 6
+    records = {
+        r["name"]: r
+        for r in json.loads((workspace / "ingest" / "images.json").read_text())["images"]
+    }
+    large = records["large.jpg"]
+    assert (large["width"], large["height"]) == (800, 600)
+    # the stale focal-plane resolution is ignored; the 35 mm equivalent (whole mm) is used
+    assert large["focal_source"] == "exif_35mm"
+    assert large["focal_px"] == pytest.approx(ground_truth["focal_px"] * 800 / 640, rel=2e-2)
+    with Image.open(workspace / "ingest" / "images" / "large.jpg") as im:
+        assert im.size == (800, 600)
+    assert records["no_exif.png"]["focal_px"] is None
+    portrait = records["portrait.jpg"]
+    assert (portrait["width"], portrait["height"]) == (480, 640)
+    assert portrait["focal_px"] == pytest.approx(ground_truth["focal_px"], rel=1e-3)
+    with Image.open(workspace / "ingest" / "images" / "portrait.jpg") as im:
+        assert im.size == (480, 640)
+    groups = camera_groups(list(records.values()))
+    assert sorted(len(g) for g in groups) == [1, 1, 1, 3]
+
+
+def test_cancel_stops_features(
+    demo_scene: Path, tmp_path: Path, stage_context: MakeContext
+) -> None:
+    workspace = tmp_path / "ws"
+    run_stage("ingest", stage_context(workspace, demo_scene / "images"))
+    reported: list[float] = []
+    ctx = stage_context(
+        workspace,
+        demo_scene / "images",
+        progress=lambda fraction, message: reported.append(fraction),
+        cancelled=lambda: bool(reported),  # cancel once the first batch is done
+    )
+    with pytest.raises(Cancelled):
+        run_stage("features", ctx)
+    assert reported and max(reported) < 1.0
+    assert not (workspace / "features").exists()
+    assert not [p for p in workspace.iterdir() if p.name.startswith(".features")]
+
+
+def test_pair_selection() -> None:
+    names = [f"img_{i:03d}.jpg" for i in range(100)]
+    assert choose_matcher("auto", 40) == "exhaustive"
+    assert choose_matcher("auto", 100) == "sequential"
+    assert choose_matcher("vocabtree", 100) == "sequential"
+    assert len(make_pairs(names[:10], "exhaustive")) == 45
+    pairs = make_pairs(names, "sequential")
+    assert len(pairs) == len(set(pairs))
+    assert all(a < b for a, b in pairs)
+    assert ("img_000.jpg", "img_099.jpg") in pairs  # the ring closes
+    assert ("img_000.jpg", "img_050.jpg") not in pairs
+    assert len(pairs) < len(names) * 20
+
+
+def test_mapping_fails_clearly_when_too_few_images_register(
+    demo_scene: Path, tmp_path: Path, stage_context: MakeContext
+) -> None:
+    images = tmp_path / "photos"
+    _copy_images(demo_scene, images, 3)
+    rng = np.random.default_rng(1)
+    for i in range(4):  # unrelated photos: nothing in them matches the others
+        noise = rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8)
+        Image.fromarray(noise).resize((640, 480), Image.Resampling.BICUBIC).save(
+            images / f"unrelated_{i}.jpg"
+        )
+    workspace = tmp_path / "ws"
+    for name in ("ingest", "features", "matching"):
+        run_stage(name, stage_context(workspace, images))
+    with pytest.raises(PermanentError) as info:
+        run_stage("mapping", stage_context(workspace, images))
+    assert "of 7 images" in str(info.value)
+    assert info.value.hint and "overlap" in info.value.hint
+    assert not (workspace / "mapping").exists()
