@@ -20,7 +20,6 @@ from rich.table import Table
 from daemon import config as config_mod
 from daemon.db import LedgerError
 from daemon.ledger import Ledger, NotFound
-from daemon.models import Job, Stage
 from daemon.states import ACTIVE, TERMINAL, JobState, StageState
 from pipeline import FORMATS, QUALITIES, STAGES
 
@@ -80,7 +79,7 @@ def _ledger(cfg: config_mod.Config) -> Ledger:
         raise _fail(str(exc)) from exc
 
 
-def _resolve(ledger: Ledger, ref: str) -> list[Job]:
+def _resolve(ledger: Ledger, ref: str) -> list[Any]:
     try:
         return ledger.resolve(ref)
     except NotFound as exc:
@@ -100,7 +99,7 @@ def _duration(seconds: float | None) -> str:
     )
 
 
-def job_progress(job: Job, stages: list[Stage]) -> float:
+def job_progress(job: Any, stages: list[Any]) -> float:
     if job.state == JobState.SUCCEEDED.value:
         return 1.0
     total = sum(STAGE_WEIGHTS.get(s.name, 1) for s in stages) or 1
@@ -114,7 +113,7 @@ def job_progress(job: Job, stages: list[Stage]) -> float:
     return done / total
 
 
-def _job_json(job: Job, stages: list[Stage], exports: list[str]) -> dict[str, Any]:
+def _job_json(job: Any, stages: list[Any], exports: list[str]) -> dict[str, Any]:
     progress = job_progress(job, stages)
     return {
         "id": job.id,
@@ -165,14 +164,14 @@ _STATE_STYLE = {
 }
 
 
-def _eta(job: Job, progress: float) -> str:
+def _eta(job: Any, progress: float) -> str:
     if job.state != JobState.RUNNING.value or not job.started_at or progress <= 0.02:
         return "-"
     elapsed = time.time() - job.started_at
     return _duration(elapsed * (1 - progress) / progress)
 
 
-def _jobs_table(jobs: list[Job], stages: dict[str, list[Stage]]) -> Table:
+def _jobs_table(jobs: list[Any], stages: dict[str, list[Any]]) -> Table:
     t = Table(title=None, expand=False)
     for col in ("job", "project", "state", "stage", "progress", "elapsed", "eta", "note"):
         t.add_column(col, no_wrap=col != "note", overflow="fold")
@@ -199,7 +198,7 @@ def _jobs_table(jobs: list[Job], stages: dict[str, list[Stage]]) -> Table:
     return t
 
 
-def _job_detail(job: Job, stages: list[Stage], exports: list[str]) -> Table:
+def _job_detail(job: Any, stages: list[Any], exports: list[str]) -> Table:
     p = job_progress(job, stages)
     t = Table(
         title=f"job {job.id} · {job.project} · {job.state} · {p * 100:.1f}% · "
@@ -275,12 +274,14 @@ def submit(
 
     Example: dropmesh submit photos/fountain --quality high -f glb -f obj
     """
-    from daemon.requests import render_toml
+    from daemon.requests import RequestError, count_images, render_toml, resolve_images
 
     cfg = _cfg(home)
-    folder = images.expanduser().resolve()
-    if not folder.is_dir():
-        raise _fail(f"{images} is not a folder", 2)
+    try:
+        folder = resolve_images(str(images), base=Path.cwd(), allowed_roots=cfg.allowed_roots)
+        count_images(folder)
+    except RequestError as exc:
+        raise _fail(str(exc).removeprefix("key 'images': ")) from exc
     if quality not in QUALITIES:
         raise _fail(f"--quality must be one of {', '.join(QUALITIES)}", 2)
     formats = fmt or ["glb"]
@@ -331,7 +332,7 @@ def status(
     cfg = _cfg(home)
     ledger = _ledger(cfg)
 
-    def snapshot() -> tuple[list[Job], dict[str, list[Stage]], dict[str, list[str]]]:
+    def snapshot() -> tuple[list[Any], dict[str, list[Any]], dict[str, list[str]]]:
         if job:
             jobs = _resolve(ledger, job)
         elif as_json or show_all:
@@ -341,7 +342,7 @@ def status(
             recent = ledger.list_jobs(states=[s.value for s in TERMINAL], limit=10)
             jobs = active + recent
         ids = [j.id for j in jobs]
-        stages = ledger.stages_for(ids)
+        stages = ledger.stages_for(ids, every=len(ids) > 500)
         exports: dict[str, list[str]] = {i: [] for i in ids}
         for e, _project in ledger.exports(job_ids=ids if len(ids) < 500 else None):
             if e.job_id in exports:

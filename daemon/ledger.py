@@ -174,16 +174,15 @@ class Ledger:
                 raise NotFound(f"{ref!r} matches several jobs ({ids}); give more of the id")
             raise NotFound(f"no job or project {ref!r} (see `dropmesh status`)")
 
-    def list_jobs(self, states: Sequence[str] | None = None, limit: int | None = None) -> list[Job]:
+    def list_jobs(self, states: Sequence[str] | None = None, limit: int | None = None) -> list[Any]:
+        """Job rows (read-only, attribute access like Job), newest first."""
         with self.read() as s:
-            q = select(Job).order_by(Job.created_at.desc())
+            q = select(*Job.__table__.c).order_by(Job.created_at.desc())
             if states:
                 q = q.where(Job.state.in_(list(states)))
             if limit:
                 q = q.limit(limit)
-            jobs = s.scalars(q).all()
-            s.expunge_all()
-            return list(jobs)
+            return list(s.execute(q).all())
 
     def count_by_state(self) -> dict[str, int]:
         with self.read() as s:
@@ -197,17 +196,19 @@ class Ledger:
             s.expunge_all()
             return out
 
-    def stages_for(self, job_ids: Sequence[str]) -> dict[str, list[Stage]]:
-        out: dict[str, list[Stage]] = {j: [] for j in job_ids}
+    def stages_for(self, job_ids: Sequence[str], *, every: bool = False) -> dict[str, list[Any]]:
+        """Stage rows (read-only, attribute access like Stage) per job; with every=True
+        all jobs' stages in one scan, for listings of the whole ledger."""
+        out: dict[str, list[Any]] = {j: [] for j in job_ids}
         if not job_ids:
             return out
+        q = select(*Stage.__table__.c).order_by(Stage.job_id, Stage.seq)
+        if not every:
+            q = q.where(Stage.job_id.in_(list(job_ids)))
         with self.read() as s:
-            rows = s.scalars(
-                select(Stage).where(Stage.job_id.in_(list(job_ids))).order_by(Stage.seq)
-            ).all()
-            s.expunge_all()
-        for st in rows:
-            out[st.job_id].append(st)
+            for row in s.execute(q):
+                if row.job_id in out:
+                    out[row.job_id].append(row)
         return out
 
     def transition(

@@ -1,0 +1,46 @@
+"""The whole product: `dropmesh demo` drops a request, the real daemon runs the real
+pipeline, a GLB is published and a notification reaches a real D-Bus session bus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import trimesh
+from daemon_harness import Home
+from dbus_notifications import NotificationBus
+
+from pipeline import STAGES
+
+
+def test_demo_request_gives_glb_and_notification(
+    tmp_path: Path, notification_bus: NotificationBus
+) -> None:
+    home = Home(tmp_path / "home", env=notification_bus.env)
+    try:
+        home.start(DROPMESH_PIPELINE="pipeline.stages:run_stage")
+        home.cli("demo", "--images", "16", "--quality", "low")
+        job = home.wait_state("demo", "succeeded", "failed", timeout=600)
+        assert job["state"] == "succeeded", job["error"]
+        assert [s["state"] for s in job["stages"]] == ["done"] * len(STAGES)
+        stages = {s["name"]: s for s in job["stages"]}
+        assert stages["mapping"]["metrics"]["registered"] == 16
+        assert stages["stereo"]["device"] == "cpu"
+
+        glb = Path(next(p for p in job["exports"] if p.endswith(".glb")))
+        assert glb.name == f"{job['id']}_textured_mesh_poisson.glb"
+        assert glb.parent == home.results / "demo"
+        mesh = trimesh.load(glb, force="mesh")
+        assert len(mesh.faces) > 5000
+        colours = np.asarray(mesh.visual.vertex_colors)[:, :3]
+        assert colours.std() > 10  # real colours, not one flat fill
+
+        report = json.loads(next(glb.parent.glob("*_report.json")).read_text())
+        assert report["device"] == "cpu"
+
+        got = notification_bus.wait_for(1, timeout=20)
+        assert len(got) == 1
+        assert "demo is ready" in got[0]["summary"] and glb.name in got[0]["body"]
+    finally:
+        home.stop()
