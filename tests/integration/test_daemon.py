@@ -69,9 +69,8 @@ def test_cancel_running_stage_kills_process_tree(home: Home) -> None:
     wait_for(lambda: (home.job("long") or {}).get("stage") == "features")
     me = psutil.Process(home.proc.pid)  # type: ignore[union-attr]
     wait_for(lambda: any(p.name() == "sleep" for p in me.children(recursive=True)))
-    tree = [
-        p for p in me.children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())
-    ]
+    # the stage's process tree: below the fork server, not the daemon's own helpers
+    tree = [p for p in me.children(recursive=True) if p.ppid() != me.pid]
     home.cli("cancel", "long")
     home.wait_state("long", "cancelled", timeout=10)
     wait_for(lambda: not any(p.is_running() and p.status() != "zombie" for p in tree), 5)
@@ -86,9 +85,11 @@ def test_kill9_resumes_at_first_unfinished_stage(home: Home) -> None:
     home.drop("resume")
     wait_for(lambda: (home.job("resume") or {}).get("stage") == "stereo")
     job_id = home.job("resume")["id"]  # type: ignore[index]
+    descendants = psutil.Process(home.proc.pid).children(recursive=True)  # type: ignore[union-attr]
+    assert descendants
     home.kill9()
-    # the stage child dies with the daemon
-    time.sleep(0.5)
+    # the stage child, the fork server and every helper die with the daemon
+    wait_for(lambda: not any(p.is_running() and p.status() != "zombie" for p in descendants), 10)
     (home.root / "photos" / "resume" / "fake.json").write_text("{}")
     home.start()
     job = home.wait_state("resume", "succeeded")
