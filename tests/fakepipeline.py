@@ -52,8 +52,9 @@ def run_stage(stage: str, ctx: StageContext) -> StageResult:
     counter = ctx.workspace / f".{stage}.attempts"
     tries = int(counter.read_text()) + 1 if counter.exists() else 1
     counter.write_text(str(tries))
+    started = time.time()
     with open(ctx.workspace / "stage_runs.log", "a") as f:
-        f.write(f"{stage} {os.getpid()} {time.time()}\n")
+        f.write(f"{stage} {os.getpid()} {started}\n")
     if beh.get("child"):
         # A grandchild process, to check that whole process trees are stopped.
         subprocess.Popen(["sleep", "300"])
@@ -76,6 +77,8 @@ def run_stage(stage: str, ctx: StageContext) -> StageResult:
 
         shutil.rmtree(out)
     os.replace(tmp, out)
+    with open(ctx.workspace / "stage_times.log", "a") as f:
+        f.write(f"{stage} {started} {time.time()}\n")
     if stage != "export":
         return StageResult(metrics={"stage": stage, "tries": tries})
     return StageResult(metrics={"faces": 12}, exports=_export(ctx))

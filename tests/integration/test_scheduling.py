@@ -1,0 +1,69 @@
+"""Scheduling inside one daemon: concurrency limit and the single GPU slot."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from daemon_harness import FAST_ENV, Home, wait_for
+
+from daemon import config
+from daemon.ledger import Ledger
+from daemon.service import GPU_STAGES, Daemon
+
+
+class _Quiet:
+    def notify(self, title: str, message: str) -> bool:
+        return True
+
+
+def _intervals(home: Home, job_id: str) -> list[tuple[str, float, float]]:
+    lines = (home.workspaces / job_id / "stage_times.log").read_text().splitlines()
+    return [(s, float(a), float(b)) for s, a, b in (line.split() for line in lines)]
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_two_jobs_share_one_gpu_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpus: int
+) -> None:
+    home = Home(tmp_path / "home")
+    for key, value in {**FAST_ENV, "DROPMESH_MAX_JOBS": "2", "DROPMESH_DEVICE": "auto"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = config.load(home.root)
+    daemon = Daemon(cfg, notifier=_Quiet(), gpu_count=gpus)
+    thread = threading.Thread(target=daemon.run, kwargs={"once": False}, daemon=True)
+    for name in ("a", "b"):
+        home.images(name, {"_all": {"sleep": 0.4}})
+    thread.start()
+    try:
+        wait_for(lambda: daemon.intake_idle.is_set(), 30)
+        home.drop("a")
+        home.drop("b")
+        ledger = Ledger.open(cfg.url)
+        wait_for(
+            lambda: (
+                {j.state for j in ledger.list_jobs()} == {"succeeded"}
+                and len(ledger.list_jobs()) == 2
+            ),
+            90,
+            0.2,
+        )
+        a, b = (_intervals(home, j.id) for j in ledger.list_jobs())
+    finally:
+        daemon.stop_requested.set()
+        thread.join(15)
+
+    def overlap(x: tuple[str, float, float], y: tuple[str, float, float]) -> bool:
+        return x[1] < y[2] and y[1] < x[2]
+
+    gpu_overlaps = [
+        (x[0], y[0])
+        for x in a
+        for y in b
+        if x[0] in GPU_STAGES and y[0] in GPU_STAGES and overlap(x, y)
+    ]
+    any_overlap = any(overlap(x, y) for x in a for y in b)
+    assert any_overlap, "two jobs with max_jobs = 2 should run at the same time"
+    if gpus:
+        assert gpu_overlaps == []
