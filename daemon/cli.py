@@ -503,6 +503,7 @@ def logs(
             return
     pos = 0
     while True:
+        chunk = b""
         if path.exists():
             with open(path, "rb") as f:
                 f.seek(pos)
