@@ -525,8 +525,8 @@ def doctor(home: HomeOpt = None) -> None:
 
     Example: dropmesh doctor --home ~/scans
     """
-    from daemon.devices import cuda_device_count
     from daemon.notify import Notifier
+    from pipeline.devices import cuda_device_count
 
     cfg = _cfg(home)
     ok_all = True

@@ -107,7 +107,7 @@ class Daemon:
 
     def gpu_count(self) -> int:
         if self._gpu_count is None:
-            from daemon.devices import cuda_device_count
+            from pipeline.devices import cuda_device_count
 
             self._gpu_count = cuda_device_count() if self.cfg.device != "cpu" else 0
         return self._gpu_count

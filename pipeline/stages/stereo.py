@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -37,6 +35,7 @@ import pycolmap
 from scipy import sparse
 
 from pipeline.context import StageContext, StageResult
+from pipeline.devices import cuda_device_count
 from pipeline.errors import Cancelled, PermanentError, TransientError
 from pipeline.stages._dense import (
     Timer,
@@ -101,21 +100,6 @@ def read_colmap_array(path: Path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- device
-
-
-def cuda_device_count() -> int:
-    """CUDA devices pycolmap can use (0 for the CPU build). Counted in a subprocess so a
-    broken driver cannot take this process down."""
-    if not getattr(pycolmap, "has_cuda", False):
-        return 0
-    code = "import pycolmap; print(int(pycolmap.get_num_cuda_devices()))"
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
-        )
-        return max(0, int(out.stdout.strip().splitlines()[-1])) if out.returncode == 0 else 0
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return 0
 
 
 def choose_device(requested: str) -> str:

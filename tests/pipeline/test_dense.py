@@ -22,6 +22,7 @@ from pipeline import (
     StageResult,
     run_stage,
 )
+from pipeline.devices import cuda_device_count
 from pipeline.evaluate import evaluate, umeyama
 from pipeline.stages import stereo
 from pipeline.stages._dense import read_metrics
@@ -214,6 +215,20 @@ def test_low_quality_mesh_matches_ground_truth(
     assert results["stereo"].metrics["device"] == "cpu"
     assert score["fscore"] >= MIN_FSCORE, score
     assert results["meshing"].metrics["faces"] <= 50_000
+
+
+@pytest.mark.skipif(
+    cuda_device_count() == 0, reason="no CUDA device: the GPU path runs where pycolmap sees one"
+)
+def test_gpu_stereo_matches_ground_truth(
+    sparse_workspace: Sparse, demo_scene: Path, tmp_path: Path
+) -> None:
+    workspace = _copy_sparse(sparse_workspace[0], tmp_path / "gpu")
+    results = _run_dense(workspace, demo_scene / "images", "low", device="gpu")
+    assert results["stereo"].device == "gpu"
+    score = _fscore(workspace, demo_scene)
+    print(f"\ngpu: {score}")
+    assert score["fscore"] >= MIN_FSCORE, score
 
 
 def test_medium_quality_mesh_matches_ground_truth(
