@@ -385,7 +385,7 @@ class Daemon:
             spec=run.spec,
             workspace=str(ws),
             results_dir=str(self.cfg.results / run.project),
-            device=self.cfg.device if uses_gpu or self.cfg.device == "cpu" else "cpu",
+            device=self.cfg.device,
             threads=self.cfg.threads,
             log_path=str(ws / "job.log"),
         )
