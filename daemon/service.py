@@ -531,8 +531,11 @@ class Daemon:
         assert self.ledger is not None
         sent = 0
         for n in self.ledger.pending_notifications():
-            shown = bool(notifier.notify(n.title, n.body))
-            self.ledger.mark_notified(n.id, shown)
+            # Claimed before it is shown: after a crash while it is being shown it is not
+            # shown again (at most once; the text stays in the ledger either way).
+            if not self.ledger.mark_notified(n.id, None):
+                continue
+            self.ledger.record_shown(n.id, bool(notifier.notify(n.title, n.body)))
             sent += 1
         return sent
 
