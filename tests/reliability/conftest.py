@@ -41,6 +41,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             reason = str(rep.longrepr[2])
         elif rep.failed:
             reason = str(rep.longreprtext).strip().splitlines()[-1][:300]
+        measured = ", ".join(f"{k} = {v}" for k, v in item.user_properties)
+        if measured:
+            reason = f"{reason}; measured: {measured}" if reason else f"measured: {measured}"
         _RESULTS.append(
             {
                 "suite": Path(str(item.fspath)).stem.removeprefix("test_"),
