@@ -42,7 +42,7 @@ def test_kill_after_each_stage_published(home: Home) -> None:
         home.kill9()
         _no_orphans(home)
         home.start()
-    job = home.wait_state("matrix", "succeeded", timeout=60)
+    job = home.wait_state("matrix", "succeeded", timeout=180)
     assert job["attempts"] == 1
     assert stage_done_counts(home, job_id) == dict.fromkeys(STAGES, 1)
     runs = home.stage_runs(job_id)
@@ -86,7 +86,7 @@ def test_kill_while_notification_is_being_sent(tmp_path) -> None:  # type: ignor
             home.images("notify")
             home.start()
             home.drop("notify")
-            bus.wait_for(1, timeout=40)
+            bus.wait_for(1, timeout=180)
             home.kill9()
             home.start()
             home.wait_state("notify", "succeeded")

@@ -54,17 +54,17 @@ def test_child_crashes_and_errors(home: Home) -> None:
     home.start(**FAULT_ENV)
     for name in ("segv", "killed", "oom", "quit", "good"):
         home.drop(name)
-    job = home.wait_state("segv", "succeeded", timeout=60)
+    job = home.wait_state("segv", "succeeded", timeout=180)
     assert job["attempts"] == 2
     for name, text in (
         ("killed", "SIGKILL"),
         ("oom", "out of memory"),
         ("quit", "exited with status 3"),
     ):
-        job = home.wait_state(name, "failed", timeout=60)
+        job = home.wait_state(name, "failed", timeout=180)
         assert job["attempts"] == 3, job
         assert text in job["error"] and "gave up after 3 attempts" in job["error"], job
-    check_exports(home, home.wait_state("good", "succeeded", timeout=60), ["glb"])
+    check_exports(home, home.wait_state("good", "succeeded", timeout=180), ["glb"])
     assert home.proc is not None and home.proc.poll() is None
     wait_for(lambda: not orphans(home), 5)
 
@@ -77,7 +77,7 @@ def test_hang_past_stage_timeout(home: Home) -> None:
     home.images("good")
     home.start(DROPMESH_STAGE_TIMEOUT_S="4")
     home.drop("hang")
-    job = home.wait_state("hang", "failed", timeout=90)
+    job = home.wait_state("hang", "failed", timeout=180)
     assert "stage_timeout_s" in job["error"] and job["attempts"] == 3, job
     assert not orphans(home), [p.cmdline() for p in orphans(home)]
     home.drop("good")
@@ -93,13 +93,13 @@ def test_results_disk_full_then_freed(home: Home) -> None:
         home.images("full")
         home.start(**FAULT_ENV)
         home.drop("full")
-        job = home.wait_state("full", "failed", timeout=90)
+        job = home.wait_state("full", "failed", timeout=180)
         assert "disk full" in job["error"] and job["attempts"] == 3, job
         (home.results / "filler").unlink()
         for leftover in home.results.rglob(".*.tmp"):
             leftover.unlink()
         home.cli("retry", job["id"])
-        job = home.wait_state("full", "succeeded", timeout=30)
+        job = home.wait_state("full", "succeeded", timeout=180)
         check_exports(home, job, ["glb"])
         home.stop()
 
@@ -121,11 +121,11 @@ def test_workspaces_disk_full_then_freed(home: Home) -> None:
         (home.workspaces / "filler").unlink()
         for d in home.workspaces.glob("i*"):
             d.rmdir()
-        job = home.wait_state("ws", "succeeded", "failed", timeout=120)
+        job = home.wait_state("ws", "succeeded", "failed", timeout=180)
         if job["state"] == "failed":
             assert "disk full" in job["error"] or "No space" in job["error"], job
             home.cli("retry", job["id"])
-            job = home.wait_state("ws", "succeeded", timeout=60)
+            job = home.wait_state("ws", "succeeded", timeout=180)
         check_exports(home, job, ["glb"])
         home.stop()
 
@@ -137,7 +137,7 @@ def test_results_read_only(home: Home) -> None:
         home.images("ro")
         home.start(**FAULT_ENV)
         home.drop("ro")
-        job = home.wait_state("ro", "failed", timeout=60)
+        job = home.wait_state("ro", "failed", timeout=180)
         assert job["attempts"] == 1 and "cannot write" in job["error"], job
         assert home.proc is not None and home.proc.poll() is None
         home.stop()
@@ -167,12 +167,12 @@ def test_images_deleted_or_unreadable(home: Home) -> None:
     home.drop("gone")
     wait_for(lambda: home.job("gone"))
     shutil.rmtree(gone)
-    job = home.wait_state("gone", "failed", timeout=60)
+    job = home.wait_state("gone", "failed", timeout=180)
     assert job["attempts"] == 1 and "does not exist" in job["error"], job
     home.drop("bad")
-    job = home.wait_state("bad", "failed", timeout=60)
+    job = home.wait_state("bad", "failed", timeout=180)
     assert job["attempts"] == 1 and "cannot be used" in job["error"], job
     home.drop("late")
     wait_for(lambda: (home.job("late") or {}).get("stage") == "features", 30)
     shutil.rmtree(late)
-    home.wait_state("late", "succeeded", timeout=60)
+    home.wait_state("late", "succeeded", timeout=180)
