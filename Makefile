@@ -7,7 +7,7 @@ APT_PACKAGES := libusb-1.0-0 libgl1 libegl1 libx11-6 libudev1 libgomp1 dbus dbus
 # Only for `make bench`: COLMAP's own command line, the baseline the benchmarks compare to.
 BENCH_APT_PACKAGES := colmap
 
-.PHONY: run test lint bench demo sysdeps venv clean
+.PHONY: run test lint bench demo sysdeps venv clean reliability
 
 run: sysdeps venv
 	mkdir -p inbox results
@@ -22,6 +22,10 @@ lint: venv
 	$(BIN)/ruff format --check daemon pipeline tests bench
 	$(BIN)/ruff check daemon pipeline tests bench
 	$(BIN)/mypy
+
+# Runs tests/reliability and regenerates RELIABILITY.md from that run.
+reliability: sysdeps venv
+	DROPMESH_RELIABILITY_REPORT=$(CURDIR)/RELIABILITY.md $(BIN)/pytest -q tests/reliability
 
 bench: sysdeps venv
 	@$(MAKE) --no-print-directory sysdeps APT_PACKAGES="$(BENCH_APT_PACKAGES)"

@@ -250,13 +250,24 @@ class Ledger:
                 and_(Job.state == JobState.WAITING.value, Job.next_attempt_at <= now),
             )
             candidates = s.scalars(
-                select(Job)
-                .where(runnable, Job.cancel_requested.is_(False))
-                .order_by(Job.priority.desc(), Job.created_at)
-                .limit(5)
+                select(Job).where(runnable).order_by(Job.priority.desc(), Job.created_at).limit(5)
             ).all()
             for job in candidates:
                 src = JobState(job.state)
+                if job.cancel_requested:
+                    # Flagged while running, then requeued (retry backoff, daemon
+                    # stopped or died) before the daemon acted on the flag.
+                    self._transition(
+                        s,
+                        job.id,
+                        src,
+                        JobState.CANCELLED,
+                        now,
+                        "cancelled (requested while it was running)",
+                        finished_at=now,
+                        cancel_requested=False,
+                    )
+                    continue
                 ok = self._transition(
                     s,
                     job.id,
@@ -633,12 +644,15 @@ class Ledger:
             s.expunge_all()
             return rows
 
-    def mark_notified(self, notification_id: int, shown: bool) -> None:
+    def mark_notified(self, notification_id: int, shown: bool | None) -> bool:
+        """Mark a notification sent; False if it already was. The daemon marks it before
+        handing it to the desktop (shown=None) and records the outcome with
+        `record_shown`, so a crash in between can never show it twice."""
         now = time.time()
         with self.write() as s:
             n = s.get(Notification, notification_id)
             if n is None or n.sent_at is not None:
-                return
+                return False
             n.sent_at = now
             n.shown = shown
             if n.kind == "exported" and n.job_id:
@@ -647,6 +661,13 @@ class Ledger:
                     .where(ExportFile.job_id == n.job_id, ExportFile.notified_at.is_(None))
                     .values(notified_at=now)
                 )
+            return True
+
+    def record_shown(self, notification_id: int, shown: bool) -> None:
+        with self.write() as s:
+            s.execute(
+                update(Notification).where(Notification.id == notification_id).values(shown=shown)
+            )
 
     def delete_job(self, job_id: str) -> None:
         with self.write() as s:

@@ -21,10 +21,10 @@ from typing import Any
 from daemon import requests
 from daemon.config import Config
 from daemon.db import LedgerError
-from daemon.ledger import ExportRecord, Ledger
+from daemon.ledger import ExportRecord, Ledger, new_job_id
 from daemon.models import Job
 from daemon.states import JobState, StageState
-from daemon.worker import Outcome, StageProcess, StageTask, kill_tree
+from daemon.worker import Outcome, StageProcess, StageTask, classify, kill_tree
 from pipeline import STAGES
 
 log = logging.getLogger("dropmesh")
@@ -99,11 +99,30 @@ class Daemon:
     def open(self) -> Ledger:
         self.cfg.ensure_dirs()
         self._acquire_lock()
+        self._refuse_ledger_without_history()
         try:
             self.ledger = Ledger.open(self.cfg.url, create=True)
         except LedgerError as exc:
             raise DaemonError(str(exc)) from exc
         return self.ledger
+
+    def _refuse_ledger_without_history(self) -> None:
+        """A missing SQLite ledger next to job folders means the ledger was lost, not
+        that this is a first start: starting an empty one would forget those jobs."""
+        if self.cfg.ledger_url or self.cfg.db_path.exists():
+            return
+        try:
+            jobs = [p for p in self.cfg.workspaces.iterdir() if p.is_dir()]
+        except OSError:
+            return
+        if jobs:
+            raise DaemonError(
+                f"no ledger at {self.cfg.db_path}, but {self.cfg.workspaces} holds "
+                f"{len(jobs)} job folder(s) recorded in one: refusing to start an empty "
+                "ledger that would forget them. Restore jobs.db (with jobs.db-wal if there "
+                f"is one) from a backup, or, to start afresh, move {self.cfg.workspaces} "
+                "aside and start again"
+            )
 
     def gpu_count(self) -> int:
         if self._gpu_count is None:
@@ -289,7 +308,13 @@ class Daemon:
                 duplicate=True,
             )
             return "duplicate"
+        # The workspace first: if it cannot be made (disk full), no job is recorded and
+        # the request stays in the inbox for the next look.
+        job_id = new_job_id()
+        ws = self.cfg.workspace(job_id)
+        ws.mkdir(parents=True, exist_ok=True)
         job = self.ledger.create_job(
+            job_id=job_id,
             project=spec.project,
             spec=spec.to_json(),
             request_hash=accepted.content_hash,
@@ -297,8 +322,6 @@ class Daemon:
             priority=accepted.priority,
             max_attempts=self.cfg.max_attempts,
         )
-        ws = self.cfg.workspace(job.id)
-        ws.mkdir(parents=True, exist_ok=True)
         self._move(path, ws / f"request{path.suffix.lower()}")
         log.info(
             "job %s queued: project %s, %d images, %s quality -> %s",
@@ -378,7 +401,6 @@ class Daemon:
         if uses_gpu and not run.holds_gpu:
             self.gpu_busy = run.holds_gpu = True
         ws = self.cfg.workspace(run.job_id)
-        ws.mkdir(parents=True, exist_ok=True)
         task = StageTask(
             pipeline=self.cfg.pipeline,
             stage=stage,
@@ -390,7 +412,22 @@ class Daemon:
             log_path=str(ws / "job.log"),
         )
         run.stage = stage
-        run.proc = StageProcess(task)
+        try:
+            ws.mkdir(parents=True, exist_ok=True)
+            run.proc = StageProcess(task)
+        except OSError as exc:  # disk full, too many processes or open files
+            kind, message, hint = classify(exc)
+            run.proc = None
+            self._finish_stage(
+                run,
+                Outcome(
+                    "error",
+                    message=f"cannot start the stage: {message}",
+                    hint=hint,
+                    transient=kind == "transient",
+                ),
+            )
+            return
         run.progress_written_at = 0.0
         self.ledger.stage_started(run.job_id, stage, run.proc.pid, run.attempt)
         self._job_log(run.job_id, f"stage {stage} started (pid {run.proc.pid})")
@@ -531,8 +568,11 @@ class Daemon:
         assert self.ledger is not None
         sent = 0
         for n in self.ledger.pending_notifications():
-            shown = bool(notifier.notify(n.title, n.body))
-            self.ledger.mark_notified(n.id, shown)
+            # Claimed before it is shown: after a crash while it is being shown it is not
+            # shown again (at most once; the text stays in the ledger either way).
+            if not self.ledger.mark_notified(n.id, None):
+                continue
+            self.ledger.record_shown(n.id, bool(notifier.notify(n.title, n.body)))
             sent += 1
         return sent
 

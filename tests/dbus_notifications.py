@@ -120,13 +120,17 @@ class NotificationBus:
         if not self.address:
             raise RuntimeError(f"dbus-daemon exited with {self._bus.wait(5)}")
 
-    def start_server(self, *, markup: bool = True) -> None:
-        """Start the notification server; returns once it owns the bus name."""
+    def start_server(self, *, markup: bool = True, reply_delay_s: float = 0.0) -> None:
+        """Start the notification server; returns once it owns the bus name. With
+        reply_delay_s it records each Notify call at once and answers it that much later
+        (a slow server: the sender is still waiting when the record appears)."""
         if self._server is not None:
             raise RuntimeError("notification server already running")
         cmd = [sys.executable, str(Path(__file__).resolve()), self.address, str(self.records)]
         if not markup:
             cmd.append("--no-markup")
+        if reply_delay_s:
+            cmd += ["--reply-delay", str(reply_delay_s)]
         self._server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert self._server.stdout is not None
         line = self._server.stdout.readline().strip()
@@ -200,7 +204,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def serve(address: str, outfile: Path, *, markup: bool = True) -> None:
+def serve(address: str, outfile: Path, *, markup: bool = True, reply_delay_s: float = 0) -> None:
     from jeepney import HeaderFields, MessageType, new_error, new_method_return
     from jeepney.bus_messages import message_bus
     from jeepney.io.blocking import open_dbus_connection
@@ -257,6 +261,7 @@ def serve(address: str, outfile: Path, *, markup: bool = True) -> None:
                 # Record before replying: whoever got the reply can read the record.
                 with outfile.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
+                time.sleep(reply_delay_s)
                 conn.send(new_method_return(msg, "u", (next_id,)))
             elif member == "GetCapabilities":
                 conn.send(new_method_return(msg, "as", (capabilities,)))
@@ -273,8 +278,9 @@ def main() -> None:
     parser.add_argument("address", help="D-Bus address of the bus to serve on")
     parser.add_argument("outfile", type=Path, help="JSON-lines file of received notifications")
     parser.add_argument("--no-markup", action="store_true", help="do not offer body-markup")
+    parser.add_argument("--reply-delay", type=float, default=0.0, help="answer Notify late")
     args = parser.parse_args()
-    serve(args.address, args.outfile, markup=not args.no_markup)
+    serve(args.address, args.outfile, markup=not args.no_markup, reply_delay_s=args.reply_delay)
 
 
 if __name__ == "__main__":

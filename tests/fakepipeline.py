@@ -4,6 +4,12 @@ Behaviour comes from `fake.json` in the request's images folder, per stage:
   {"features": {"sleep": 2.0}, "stereo": {"fail": 2, "how": "segv"}, "mapping": {"hang": true}}
 how: segv | kill | memory | transient | permanent | exit | enospc. `fail: N` fails the
 first N attempts of that stage (counted in the workspace), `fail: -1` always.
+
+Observation points for crash tests: `"pause_after_publish": S` writes
+`<workspace>/.<stage>.published` once the stage's output is published and then waits S
+seconds before returning its result; `"pause_mid_publish": S` (export) writes
+`<workspace>/.export.midpublish` after the first format is published and waits S seconds
+before publishing the next. `"real": true` runs the real stage instead.
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ def _fail(how: str, stage: str) -> None:
 
 def run_stage(stage: str, ctx: StageContext) -> StageResult:
     beh = _behaviour(ctx, stage)
+    if beh.get("real"):
+        from pipeline.stages import run_stage as real_run_stage
+
+        return real_run_stage(stage, ctx)
     out = ctx.workspace / stage
     counter = ctx.workspace / f".{stage}.attempts"
     tries = int(counter.read_text()) + 1 if counter.exists() else 1
@@ -80,11 +90,17 @@ def run_stage(stage: str, ctx: StageContext) -> StageResult:
     with open(ctx.workspace / "stage_times.log", "a") as f:
         f.write(f"{stage} {started} {time.time()}\n")
     if stage != "export":
-        return StageResult(metrics={"stage": stage, "tries": tries})
-    return StageResult(metrics={"faces": 12}, exports=_export(ctx))
+        result = StageResult(metrics={"stage": stage, "tries": tries})
+    else:
+        result = StageResult(metrics={"faces": 12}, exports=_export(ctx, beh))
+    marker = ctx.workspace / f".{stage}.published"
+    if beh.get("pause_after_publish") and not marker.exists():  # once per stage
+        marker.write_text(str(tries))
+        time.sleep(float(beh["pause_after_publish"]))
+    return result
 
 
-def _export(ctx: StageContext) -> list[Export]:
+def _export(ctx: StageContext, beh: dict) -> list[Export]:
     import trimesh
 
     mesh = trimesh.creation.box(extents=(1, 1, 1))
@@ -97,4 +113,8 @@ def _export(ctx: StageContext) -> list[Export]:
         mesh.export(str(tmp), file_type=fmt)
         os.replace(tmp, final)
         exports.append(Export(final, fmt))
+        marker = ctx.workspace / ".export.midpublish"
+        if beh.get("pause_mid_publish") and len(exports) == 1 and not marker.exists():
+            marker.write_text(fmt)
+            time.sleep(float(beh["pause_mid_publish"]))
     return exports
