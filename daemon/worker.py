@@ -22,6 +22,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class StageTask:
     device: str
     threads: int
     log_path: str
+    daemon_pid: int = field(default_factory=os.getpid)
 
 
 def load_runner(ref: str) -> Callable[..., Any]:
@@ -68,13 +70,37 @@ def load_runner(ref: str) -> Callable[..., Any]:
 
 
 def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this child when the daemon dies (kill -9 included)."""
+    """Ask the kernel to SIGKILL this child when its parent (the fork server) dies."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     except OSError:
         pass
+
+
+def _die_with_daemon(pid: int, interval_s: float = 0.25) -> None:
+    """Kill this stage's whole process group once the daemon is gone (kill -9 included).
+
+    The fork server outlives the daemon while any child it forked is alive, so the
+    kernel's parent-death signal alone would leave a stage running without its daemon."""
+
+    def watch() -> None:
+        try:
+            daemon = psutil.Process(pid)
+        except psutil.Error:
+            os.killpg(0, signal.SIGKILL)
+            return
+        while True:
+            time.sleep(interval_s)
+            try:
+                gone = daemon.status() == psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                gone = True
+            if gone:
+                os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="daemon-watch", daemon=True).start()
 
 
 def classify(exc: BaseException) -> tuple[str, str, str | None]:
@@ -101,6 +127,7 @@ def classify(exc: BaseException) -> tuple[str, str, str | None]:
 def child_main(task: StageTask, conn: Connection) -> None:
     _die_with_parent()
     os.setpgid(0, 0)
+    _die_with_daemon(task.daemon_pid)
     fd = os.open(task.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)

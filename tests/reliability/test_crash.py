@@ -3,6 +3,7 @@ done twice."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
@@ -24,7 +25,11 @@ from pipeline import STAGES
 
 
 def _no_orphans(home: Home) -> None:
-    wait_for(lambda: not orphans(home), 5)
+    try:
+        wait_for(lambda: not orphans(home), 10)
+    except AssertionError as exc:
+        left = [(p.pid, p.ppid(), " ".join(p.cmdline())[:120]) for p in orphans(home)]
+        raise AssertionError(f"processes left behind: {left}") from exc
 
 
 def test_kill_after_each_stage_published(home: Home) -> None:
@@ -113,11 +118,17 @@ def test_kill_while_stage_process_starts(home: Home) -> None:
     job_id = wait_for(lambda: (home.job("spawn") or {}).get("id"))
     for _ in range(3):
         me = psutil.Process(home.proc.pid)  # type: ignore[union-attr]
-        before = {c.pid for c in me.children()}
-        wait_for(lambda me=me, before=before: {c.pid for c in me.children()} - before, 20, 0.002)
+        before = {c.pid for c in me.children(recursive=True)}
+
+        def new_process(me: psutil.Process = me, before: set[int] = before) -> set[int]:
+            with contextlib.suppress(psutil.Error):
+                return {c.pid for c in me.children(recursive=True)} - before
+            return set()
+
+        wait_for(new_process, 20, 0.002)
         home.kill9()
-        time.sleep(1.5)  # long enough for a surviving child to get going
-        assert not orphans(home), [p.cmdline() for p in orphans(home)]
+        time.sleep(1.0)  # long enough for a surviving child to get going
+        _no_orphans(home)
         home.start()
     home.wait_state("spawn", "succeeded")
     assert stage_done_counts(home, job_id) == dict.fromkeys(STAGES, 1)
