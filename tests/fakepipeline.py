@@ -4,12 +4,17 @@ Behaviour comes from `fake.json` in the request's images folder, per stage:
   {"features": {"sleep": 2.0}, "stereo": {"fail": 2, "how": "segv"}, "mapping": {"hang": true}}
 how: segv | kill | memory | transient | permanent | exit | enospc. `fail: N` fails the
 first N attempts of that stage (counted in the workspace), `fail: -1` always.
+
+Each stage holds an exclusive lock on the job's workspace while it runs; a stage that
+finds it taken (two stages of one job running at once, e.g. by two daemons) writes
+`overlaps.log` into the workspace for the tests to find.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -47,6 +52,19 @@ def _fail(how: str, stage: str) -> None:
 
 
 def run_stage(stage: str, ctx: StageContext) -> StageResult:
+    lock = os.open(ctx.workspace / ".stage.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with open(ctx.workspace / "overlaps.log", "a") as f:
+            f.write(f"{stage} {os.getpid()} {time.time()}\n")
+    try:
+        return _run_stage(stage, ctx)
+    finally:
+        os.close(lock)
+
+
+def _run_stage(stage: str, ctx: StageContext) -> StageResult:
     beh = _behaviour(ctx, stage)
     out = ctx.workspace / stage
     counter = ctx.workspace / f".{stage}.attempts"
