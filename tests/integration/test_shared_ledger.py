@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -149,3 +150,32 @@ def test_three_daemons_with_kill9_run_every_job_once(tmp_path: Path, pg_url: str
         daemons.stop_all()
     if os.environ.get("DROPMESH_TEST_SHOW_LOGS"):
         print(daemons.logs())
+
+
+def test_workers_and_status_show_hosts(tmp_path: Path, pg_url: str) -> None:
+    home = Home(tmp_path / "home")
+    home.env["DROPMESH_LEDGER_URL"] = pg_url
+    home.env["DROPMESH_STALE_AFTER_S"] = "2"
+    daemons = Daemons(home)
+    try:
+        daemons.start(0)
+        daemons.start(1)  # no home lock on a shared ledger
+        listed = json.loads(home.cli("workers", "--json").stdout)
+        assert len(listed) == 2 and {w["pid"] for w in listed} == {
+            p.pid for p in daemons.procs.values()
+        }
+        assert all(w["live"] and w["heartbeat_age_s"] < 5 for w in listed)
+        assert "live" in home.cli("workers").stdout
+        home.images("one")
+        home.drop("one")
+        job = home.wait_state("one", "succeeded")
+        assert job["host"] == listed[0]["host"]
+        killed = daemons.procs[1].pid
+        daemons.kill9(1)
+        daemons.stop_all()  # a clean stop removes the daemon's row
+        time.sleep(2.5)
+        assert json.loads(home.cli("workers", "--json").stdout) == []
+        stale = json.loads(home.cli("workers", "--json", "--all").stdout)
+        assert [(w["pid"], w["live"]) for w in stale] == [(killed, False)]
+    finally:
+        daemons.stop_all()
