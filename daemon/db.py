@@ -103,10 +103,7 @@ def fs_type(path: Path, mounts: str | None = None) -> str:
 
 def check_local_fs(path: Path, mounts: str | None = None) -> None:
     """Refuse an SQLite ledger on a network file system: its locks do not hold there."""
-    probe = path if path.exists() else path.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    kind = fs_type(probe, mounts)
+    kind = fs_type(path, mounts)
     if kind in NETWORK_FS or kind.startswith(("nfs", "fuse.sshfs")):
         raise LedgerError(
             f"the SQLite ledger {path} would lie on a network file system ({kind}); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -26,6 +27,8 @@ def pg_cluster() -> Iterator[Cluster]:
     """One throwaway PostgreSQL server on loopback for the whole session."""
     reason = skip_reason()
     if reason is not None:
+        if os.environ.get("DROPMESH_REQUIRE_POSTGRES"):
+            pytest.fail(f"DROPMESH_REQUIRE_POSTGRES is set, but {reason}")
         pytest.skip(reason)
     with running_cluster() as cluster:
         yield cluster
