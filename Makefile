@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages: open3d's shared libraries, D-Bus and notify-send for notifications.
 APT_PACKAGES := libusb-1.0-0 libgl1 libegl1 libx11-6 libudev1 libgomp1 dbus dbus-daemon libnotify-bin
+# Only for `make test` (and bench/claims.py): a PostgreSQL server, so that the ledger contract
+# tests and the several-daemons tests run against a real one (started on loopback in a
+# temporary folder by the tests themselves).
+TEST_APT_PACKAGES := postgresql
 # Only for `make bench`: COLMAP's own command line, the baseline the benchmarks compare to.
 BENCH_APT_PACKAGES := colmap
 
@@ -14,6 +18,7 @@ run: sysdeps venv
 	$(BIN)/dropmesh run
 
 test: sysdeps venv lint
+	@$(MAKE) --no-print-directory sysdeps APT_PACKAGES="$(TEST_APT_PACKAGES)"
 	$(BIN)/pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; \
 	exit $$rc
@@ -28,7 +33,7 @@ reliability: sysdeps venv
 	DROPMESH_RELIABILITY_REPORT=$(CURDIR)/RELIABILITY.md $(BIN)/pytest -q tests/reliability
 
 bench: sysdeps venv
-	@$(MAKE) --no-print-directory sysdeps APT_PACKAGES="$(BENCH_APT_PACKAGES)"
+	@$(MAKE) --no-print-directory sysdeps APT_PACKAGES="$(BENCH_APT_PACKAGES) $(TEST_APT_PACKAGES)"
 	$(BIN)/python -m bench
 
 demo: venv

@@ -127,6 +127,7 @@ def _job_json(job: Any, stages: list[Any], exports: list[str]) -> dict[str, Any]
         "error": job.error,
         "cancel_requested": job.cancel_requested,
         "worker": job.worker,
+        "host": job.host,
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
@@ -635,6 +636,71 @@ def demo(
     }
     path = write_request(cfg.inbox, project, render_toml(body))
     console.print(f"request written to {path}; follow it with `dropmesh status --watch`")
+
+
+@app.command()
+def workers(
+    home: HomeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Also daemons that stopped heartbeating.")
+    ] = False,
+) -> None:
+    """List the daemons working on this ledger: host, pid, GPUs, jobs, heartbeat age.
+
+    A daemon is live while its heartbeat is younger than stale_after_s; a daemon killed
+    without a clean stop shows as stale (--all) until its jobs have moved on.
+
+    Example: dropmesh workers --all
+    """
+    cfg = _cfg(home)
+    ledger = _ledger(cfg)
+    now = time.time()
+    running: dict[str, list[str]] = {}
+    for j in ledger.list_jobs([JobState.RUNNING.value]):
+        if j.worker:
+            running.setdefault(j.worker, []).append(j.id)
+    items: list[dict[str, Any]] = []
+    for w in ledger.workers():
+        age = now - w.heartbeat_at
+        live = age < cfg.stale_after_s
+        if not live and not show_all:
+            continue
+        items.append(
+            {
+                "id": w.id,
+                "host": w.host,
+                "pid": w.pid,
+                "live": live,
+                "heartbeat_age_s": round(age, 1),
+                "started_at": _iso(w.started_at),
+                "cuda_devices": w.cuda_devices,
+                "gpu_stages": w.gpu_stages,
+                "max_jobs": w.max_jobs,
+                "jobs": sorted(running.get(w.id, [])),
+            }
+        )
+    if as_json:
+        sys.stdout.write(json.dumps(items, indent=2) + "\n")
+        return
+    if not items:
+        console.print("no live daemons" + ("" if show_all else " (--all shows stale ones)"))
+        return
+    t = Table()
+    for col in ("host", "pid", "state", "heartbeat", "up", "GPUs", "jobs", "running"):
+        t.add_column(col, overflow="fold")
+    for i in items:
+        t.add_row(
+            str(i["host"]),
+            str(i["pid"]),
+            "[green]live[/green]" if i["live"] else "[red]stale[/red]",
+            f"{i['heartbeat_age_s']:.1f} s ago",
+            _duration(now - datetime.fromisoformat(str(i["started_at"])).timestamp()),
+            str(i["cuda_devices"]) if i["cuda_devices"] else f"- ({i['gpu_stages']})",
+            f"{len(i['jobs'])}/{i['max_jobs']}",
+            ", ".join(i["jobs"]) or "-",
+        )
+    console.print(t)
 
 
 def main() -> None:

@@ -23,6 +23,8 @@ class Config:
     results: Path = Path("results")
     workspaces: Path = Path("workspaces")
     ledger_url: str = ""
+    shared_root: str = ""
+    gpu_stages: str = "prefer"
     allowed_roots: list[Path] = field(default_factory=lambda: [Path("."), Path("~")])
     max_jobs: int = 1
     max_attempts: int = 3
@@ -117,11 +119,23 @@ def load(home: Path | str | None = None, env: dict[str, str] | None = None) -> C
     for key, value in values.items():
         setattr(cfg, key, value)
 
+    # With shared_root (a folder mounted at the same path on every host), the inbox,
+    # workspaces and results of relative paths lie under it rather than the home folder.
+    base = _under_home(home_path, Path(cfg.shared_root)) if cfg.shared_root else home_path
     for key in _PATH_KEYS:
-        setattr(cfg, key, _under_home(home_path, getattr(cfg, key)))
+        setattr(cfg, key, _under_home(base, getattr(cfg, key)))
     cfg.allowed_roots = [_under_home(home_path, p) for p in cfg.allowed_roots]
     if cfg.device not in ("auto", "cpu", "gpu"):
         raise ConfigError(f"key 'device' must be auto, cpu or gpu, got {cfg.device!r}")
+    if cfg.gpu_stages not in ("require", "prefer", "any"):
+        raise ConfigError(
+            f"key 'gpu_stages' must be require, prefer or any, got {cfg.gpu_stages!r}"
+        )
+    if cfg.ledger_url and not cfg.ledger_url.startswith(("sqlite", "postgresql")):
+        raise ConfigError(
+            f"key 'ledger_url' must be an sqlite:/// or postgresql+psycopg:// URL, "
+            f"got {cfg.ledger_url.split('://')[0]}://..."
+        )
     if cfg.max_jobs < 1 or cfg.max_attempts < 1:
         raise ConfigError("keys 'max_jobs' and 'max_attempts' must be at least 1")
     return cfg

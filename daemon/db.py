@@ -1,4 +1,8 @@
-"""Engine set-up and migrations. SQLite: WAL, busy_timeout, BEGIN IMMEDIATE for writes."""
+"""Engine set-up and migrations.
+
+SQLite: WAL, busy_timeout, BEGIN IMMEDIATE for writes. PostgreSQL: READ COMMITTED with
+row locks (SELECT ... FOR UPDATE SKIP LOCKED for claims) and guarded updates.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,35 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 60_000
 # The newest migration in daemon/migrations/versions (a test keeps the two in step).
 # Known here so that the CLI can check the schema without loading Alembic.
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
+# Key of the PostgreSQL advisory lock held while migrating, so that several daemons
+# starting at once migrate the shared ledger exactly once.
+_MIGRATION_LOCK = 0x64726F706D657368  # "dropmesh"
+# File systems on which SQLite's locking cannot be trusted.
+NETWORK_FS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb",
+    "smb2",
+    "smbfs",
+    "smb3",
+    "ncpfs",
+    "afs",
+    "9p",
+    "ceph",
+    "glusterfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "fuse.sshfs",
+    "fuse.glusterfs",
+    "fuse.cephfs",
+    "fuse.s3fs",
+    "fuse.rclone",
+    "davfs",
+    "fuse.davfs2",
+)
 
 
 class LedgerError(Exception):
@@ -35,7 +67,50 @@ def make_engine(url: str) -> Engine:
         )
         _sqlite_events(engine)
         return engine
+    if url.startswith("postgresql"):
+        try:
+            return create_engine(url, pool_pre_ping=True, isolation_level="READ COMMITTED")
+        except ModuleNotFoundError as exc:
+            raise LedgerError(
+                f"a PostgreSQL ledger needs the psycopg driver ({exc}): "
+                "pip install 'dropmesh[postgres]'"
+            ) from exc
     return create_engine(url, pool_pre_ping=True)
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def fs_type(path: Path, mounts: str | None = None) -> str:
+    """The file system type of the mount holding `path` (from /proc/mounts)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return ""
+    path = path.resolve()
+    best, kind = "", ""
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        if (path == Path(point) or Path(point) in path.parents) and len(point) >= len(best):
+            best, kind = point, parts[2]
+    return kind
+
+
+def check_local_fs(path: Path, mounts: str | None = None) -> None:
+    """Refuse an SQLite ledger on a network file system: its locks do not hold there."""
+    kind = fs_type(path, mounts)
+    if kind in NETWORK_FS or kind.startswith(("nfs", "fuse.sshfs")):
+        raise LedgerError(
+            f"the SQLite ledger {path} would lie on a network file system ({kind}); "
+            "SQLite's locking is not safe there. Keep jobs.db on a local disk, or, to share "
+            "the work between machines, use PostgreSQL: ledger_url = "
+            "\"postgresql+psycopg://user:pass@host/dropmesh\" (pip install 'dropmesh[postgres]')"
+        )
 
 
 def _sqlite_events(engine: Engine) -> None:
@@ -50,6 +125,7 @@ def _sqlite_events(engine: Engine) -> None:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
+    # SQLite only: PostgreSQL keeps its default BEGIN at READ COMMITTED.
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         # Writers take the lock up front, so two writers queue on busy_timeout instead
@@ -82,12 +158,30 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def upgrade(engine: Engine) -> None:
+    """Migrate to the newest schema. On PostgreSQL under an advisory lock, so that of
+    several daemons starting at once one migrates and the others find it done."""
     from alembic import command
 
     cfg = alembic_config()
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+            if _revision(conn) == SCHEMA_HEAD:
+                return
+        if _revision(conn) is None and inspect(conn).get_table_names():
+            raise LedgerError(
+                f"{engine.url.render_as_string(hide_password=True)} holds tables that are "
+                "not a dropmesh ledger; refusing to write over them"
+            )
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def _revision(conn: Any) -> str | None:
+    if "alembic_version" not in inspect(conn).get_table_names():
+        return None
+    row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+    return str(row[0]) if row else None
 
 
 def has_tables(engine: Engine) -> bool:

@@ -2,6 +2,12 @@
 
 Each state change is one guarded UPDATE (`WHERE id=? AND state=?`), so of two writers
 racing for the same transition exactly one wins.
+
+Several daemons may share one ledger (PostgreSQL). A claim is a lease: the job records
+its owner (`worker`), the lease expiry, a heartbeat and a fencing token that grows by one
+with every claim. Every write a daemon makes about a running job passes its token; when
+the job is no longer running under that token (the lease expired and another daemon took
+the job over) the write is refused with `Fenced` and changes nothing.
 """
 
 from __future__ import annotations
@@ -9,24 +15,32 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, and_, delete, func, or_, select, update
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from daemon import db
-from daemon.models import Event, ExportFile, Job, Notification, Stage
+from daemon.models import Event, ExportFile, Job, Notification, Stage, Worker
 from daemon.states import ACTIVE, JobState, StageState, check_transition
 from pipeline import STAGES
 
 
 class NotFound(Exception):
     pass
+
+
+class Fenced(Exception):
+    """A write about a running job came from a daemon that no longer holds its lease."""
+
+
+class RequestTaken(Exception):
+    """Another daemon already turned this request file into a job."""
 
 
 @dataclass
@@ -38,6 +52,8 @@ class ExportRecord:
 class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Several daemons may use this ledger at once (a server database, not a file).
+        self.shared = not db.is_sqlite(engine)
 
     # -- opening ---------------------------------------------------------------------
 
@@ -53,6 +69,8 @@ class Ledger:
                     "(`dropmesh run`), or pass --home"
                 )
             sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        if sqlite_path is not None:
+            db.check_local_fs(sqlite_path)
         engine = db.make_engine(url)
         try:
             head = db.SCHEMA_HEAD
@@ -62,11 +80,6 @@ class Ledger:
                     raise db.LedgerError(
                         f"the ledger at {url} is at schema {current}, this dropmesh needs "
                         f"{head}: start the daemon once to migrate it"
-                    )
-                if current is None and db.has_tables(engine):
-                    raise db.LedgerError(
-                        f"{url} holds tables that are not a dropmesh ledger; refusing to "
-                        "write over them"
                     )
                 db.upgrade(engine)
         except DatabaseError as exc:
@@ -107,10 +120,42 @@ class Ledger:
         priority: int = 0,
         max_attempts: int = 3,
         job_id: str | None = None,
+        request_key: str | None = None,
     ) -> Job:
+        """Queue a new job. With request_key (the identity of the request file), a second
+        daemon that reads the same file gets RequestTaken instead of a second job."""
         now = time.time()
         job_id = job_id or new_job_id()
         spec = {**spec, "job_id": job_id}
+        try:
+            return self._create_job(
+                job_id,
+                project,
+                spec,
+                request_hash,
+                request_name,
+                priority,
+                max_attempts,
+                request_key,
+                now,
+            )
+        except IntegrityError as exc:
+            if request_key is not None and self.find_by_key(request_key) is not None:
+                raise RequestTaken(request_name) from exc
+            raise
+
+    def _create_job(
+        self,
+        job_id: str,
+        project: str,
+        spec: dict[str, Any],
+        request_hash: str,
+        request_name: str,
+        priority: int,
+        max_attempts: int,
+        request_key: str | None,
+        now: float,
+    ) -> Job:
         with self.write() as s:
             job = Job(
                 id=job_id,
@@ -125,6 +170,8 @@ class Ledger:
                 cancel_requested=False,
                 created_at=now,
                 updated_at=now,
+                lease_token=0,
+                request_key=request_key,
             )
             s.add(job)
             for seq, name in enumerate(STAGES):
@@ -141,6 +188,13 @@ class Ledger:
             ).all()
             s.expunge_all()
             return list(jobs)
+
+    def find_by_key(self, request_key: str) -> Job | None:
+        with self.read() as s:
+            job = s.scalar(select(Job).where(Job.request_key == request_key))
+            if job is not None:
+                s.expunge(job)
+            return job
 
     def get(self, job_id: str) -> Job:
         with self.read() as s:
@@ -212,13 +266,36 @@ class Ledger:
         return out
 
     def transition(
-        self, job_id: str, src: JobState, dst: JobState, *, event: str | None = None, **values: Any
+        self,
+        job_id: str,
+        src: JobState,
+        dst: JobState,
+        *,
+        event: str | None = None,
+        token: int | None = None,
+        **values: Any,
     ) -> bool:
-        """Guarded state change; False if the job was no longer in `src`."""
+        """Guarded state change; False if the job was no longer in `src`. With the
+        daemon's lease token: Fenced if the lease is no longer held."""
         check_transition(src, dst)
         now = time.time()
         with self.write() as s:
+            self._guard(s, job_id, token)
             return self._transition(s, job_id, src, dst, now, event, **values)
+
+    def _guard(self, s: Session, job_id: str, token: int | None) -> None:
+        """Lock the job's row and check that the lease `token` is still the job's
+        running lease; raise Fenced (the transaction rolls back) when it is not."""
+        if token is None:
+            return
+        row = s.execute(
+            select(Job.state, Job.lease_token).where(Job.id == job_id).with_for_update()
+        ).first()
+        if row is None or row[0] != JobState.RUNNING.value or row[1] != token:
+            raise Fenced(
+                f"job {job_id}: lease {token} is no longer held"
+                + (f" (now {row[0]}, lease {row[1]})" if row is not None else "")
+            )
 
     def _transition(
         self,
@@ -241,17 +318,39 @@ class Ledger:
         s.add(_event(job_id, dst.value, event or f"{src.value} -> {dst.value}", now))
         return True
 
-    def claim_next(self, worker: str, *, now: float | None = None) -> Job | None:
-        """Move the most urgent runnable job to running and return it."""
+    def claim_next(
+        self,
+        worker: str,
+        *,
+        now: float | None = None,
+        lease_s: float = 30.0,
+        skip_next: Collection[str] = (),
+    ) -> Job | None:
+        """Move the most urgent runnable job to running under a new lease of `worker`
+        and return it (its lease_token is the fencing token for every later write).
+        Jobs whose next unfinished stage is in `skip_next` are left to other daemons.
+
+        PostgreSQL: the candidates are locked with FOR UPDATE SKIP LOCKED, so daemons
+        claiming at once take different jobs without waiting on each other. SQLite:
+        BEGIN IMMEDIATE serialises writers; the guarded update decides either way."""
         now = time.time() if now is None else now
         with self.write() as s:
             runnable = or_(
                 Job.state == JobState.QUEUED.value,
                 and_(Job.state == JobState.WAITING.value, Job.next_attempt_at <= now),
             )
-            candidates = s.scalars(
-                select(Job).where(runnable).order_by(Job.priority.desc(), Job.created_at).limit(5)
-            ).all()
+            q = select(Job).where(runnable).order_by(Job.priority.desc(), Job.created_at).limit(5)
+            if skip_next:
+                seqs = [i for i, name in enumerate(STAGES) if name in skip_next]
+                first_todo = (
+                    select(func.min(Stage.seq))
+                    .where(Stage.job_id == Job.id, Stage.state != StageState.DONE.value)
+                    .scalar_subquery()
+                )
+                q = q.where(or_(first_todo.is_(None), first_todo.not_in(seqs)))
+            if self.shared:
+                q = q.with_for_update(skip_locked=True, of=Job)
+            candidates = s.scalars(q).all()
             for job in candidates:
                 src = JobState(job.state)
                 if job.cancel_requested:
@@ -276,7 +375,10 @@ class Ledger:
                     now,
                     f"attempt {job.attempts + 1} of {job.max_attempts} started by {worker}",
                     worker=worker,
+                    host=worker.split(":", 1)[0],
                     heartbeat_at=now,
+                    lease_expires_at=now + lease_s,
+                    lease_token=Job.lease_token + 1,
                     attempts=job.attempts + 1,
                     started_at=job.started_at or now,
                     next_attempt_at=None,
@@ -289,34 +391,56 @@ class Ledger:
                     return job
         return None
 
-    def heartbeat(self, job_ids: Sequence[str], worker: str) -> None:
-        if not job_ids:
-            return
+    def heartbeat(
+        self, leases: Mapping[str, int], worker: str, *, lease_s: float = 30.0
+    ) -> set[str]:
+        """Renew the leases {job_id: token} of `worker`; returns the jobs whose lease
+        is lost (taken over by another daemon): their work must stop."""
+        if not leases:
+            return set()
+        now = time.time()
+        lost: set[str] = set()
         with self.write() as s:
-            s.execute(
-                update(Job)
-                .where(Job.id.in_(list(job_ids)), Job.worker == worker)
-                .values(heartbeat_at=time.time())
-            )
+            for job_id, token in leases.items():
+                res = s.execute(
+                    update(Job)
+                    .where(
+                        Job.id == job_id,
+                        Job.lease_token == token,
+                        Job.state == JobState.RUNNING.value,
+                    )
+                    .values(heartbeat_at=now, lease_expires_at=now + lease_s)
+                )
+                if res.rowcount != 1:  # type: ignore[attr-defined]
+                    lost.add(job_id)
+        return lost
 
     def recover(
-        self, *, worker: str | None = None, stale_after_s: float | None = None
+        self,
+        *,
+        worker: str | None = None,
+        stale_after_s: float | None = None,
+        dead_workers: Collection[str] = (),
     ) -> list[str]:
-        """Requeue running jobs whose daemon is gone: those of `worker` (a previous run
-        of this daemon) or, with stale_after_s, any whose heartbeat is that old."""
+        """Requeue running jobs whose daemon is gone: with `worker`, those of any other
+        daemon (for a daemon alone on its ledger); those of `dead_workers`; with
+        stale_after_s, any whose heartbeat is that old (its lease expired)."""
         now = time.time()
         conds = []
         if worker is not None:
-            conds.append(Job.worker != worker)
+            conds.append(or_(Job.worker.is_(None), Job.worker != worker))
+        if dead_workers:
+            conds.append(Job.worker.in_(list(dead_workers)))
         if stale_after_s is not None:
-            conds.append(Job.heartbeat_at < now - stale_after_s)
+            conds.append(or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < now - stale_after_s))
         if not conds:
             return []
         requeued: list[str] = []
         with self.write() as s:
-            jobs = s.scalars(
-                select(Job).where(Job.state == JobState.RUNNING.value, or_(*conds))
-            ).all()
+            q = select(Job).where(Job.state == JobState.RUNNING.value, or_(*conds))
+            if self.shared:
+                q = q.with_for_update(skip_locked=True)
+            jobs = s.scalars(q).all()
             for job in jobs:
                 ok = self._transition(
                     s,
@@ -327,6 +451,7 @@ class Ledger:
                     f"resumed: the daemon running it ({job.worker}) stopped; "
                     f"continuing at stage {job.stage or STAGES[0]}",
                     worker=None,
+                    lease_expires_at=None,
                     attempts=max(job.attempts - 1, 0),
                 )
                 if ok:
@@ -338,20 +463,108 @@ class Ledger:
                     requeued.append(job.id)
         return requeued
 
-    def running_stage_pids(self) -> list[tuple[str, str, int]]:
+    def release(self, job_id: str, token: int, reason: str) -> bool:
+        """Give a running job back to the queue (not counted as an attempt), e.g. for a
+        daemon with a GPU to run its next stage."""
+        with self.write() as s:
+            self._guard(s, job_id, token)
+            job = s.get(Job, job_id)
+            assert job is not None
+            return self._transition(
+                s,
+                job_id,
+                JobState.RUNNING,
+                JobState.QUEUED,
+                time.time(),
+                reason,
+                worker=None,
+                lease_expires_at=None,
+                attempts=max(job.attempts - 1, 0),
+            )
+
+    def running_stage_pids(
+        self, workers: Collection[str] | None = None
+    ) -> list[tuple[str, str, int]]:
+        """(job, stage, pid) of running stages; with `workers`, only of jobs they ran."""
         with self.read() as s:
-            rows = s.execute(
-                select(Stage.job_id, Stage.name, Stage.pid).where(
-                    Stage.state == StageState.RUNNING.value, Stage.pid.is_not(None)
+            q = select(Stage.job_id, Stage.name, Stage.pid).where(
+                Stage.state == StageState.RUNNING.value, Stage.pid.is_not(None)
+            )
+            if workers is not None:
+                q = q.join(Job, Job.id == Stage.job_id).where(Job.worker.in_(list(workers)))
+            rows = s.execute(q).all()
+            return [(j, n, int(p)) for j, n, p in rows if p is not None]
+
+    def running_workers(self) -> set[str]:
+        """Owners of the leases of running jobs."""
+        with self.read() as s:
+            rows = s.scalars(
+                select(Job.worker).where(
+                    Job.state == JobState.RUNNING.value, Job.worker.is_not(None)
                 )
             ).all()
-            return [(j, n, int(p)) for j, n, p in rows if p is not None]
+            return {w for w in rows if w}
+
+    # -- daemons ---------------------------------------------------------------------
+
+    def register_worker(
+        self, worker: str, *, cuda_devices: int, max_jobs: int, gpu_stages: str
+    ) -> None:
+        host, pid = worker.split(":")[:2]
+        now = time.time()
+        with self.write() as s:
+            w = s.get(Worker, worker)
+            if w is None:
+                w = Worker(id=worker, host=host, pid=int(pid), started_at=now)
+                s.add(w)
+            w.heartbeat_at = now
+            w.cuda_devices = cuda_devices
+            w.max_jobs = max_jobs
+            w.gpu_stages = gpu_stages
+
+    def worker_heartbeat(self, worker: str) -> bool:
+        """False when the daemon's row is gone (removed as dead): register again."""
+        with self.write() as s:
+            res = s.execute(
+                update(Worker).where(Worker.id == worker).values(heartbeat_at=time.time())
+            )
+            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    def unregister_worker(self, worker: str) -> None:
+        with self.write() as s:
+            s.execute(delete(Worker).where(Worker.id == worker))
+
+    def workers(self) -> list[Worker]:
+        with self.read() as s:
+            rows = list(s.scalars(select(Worker).order_by(Worker.host, Worker.started_at)).all())
+            s.expunge_all()
+            return rows
+
+    def gpu_worker_alive(self, stale_after_s: float, *, now: float | None = None) -> bool:
+        """Whether a live daemon with a CUDA device shares this ledger."""
+        now = time.time() if now is None else now
+        with self.read() as s:
+            n = s.scalar(
+                select(func.count())
+                .select_from(Worker)
+                .where(Worker.cuda_devices > 0, Worker.heartbeat_at >= now - stale_after_s)
+            )
+            return bool(n)
+
+    def prune_workers(self, older_than_s: float) -> int:
+        """Forget daemons silent for that long (killed without a clean stop)."""
+        with self.write() as s:
+            res = s.execute(delete(Worker).where(Worker.heartbeat_at < time.time() - older_than_s))
+            return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
     # -- stages ----------------------------------------------------------------------
 
-    def stage_started(self, job_id: str, name: str, pid: int, attempt: int) -> None:
+    def stage_started(
+        self, job_id: str, name: str, pid: int, attempt: int, *, token: int | None = None
+    ) -> None:
         now = time.time()
         with self.write() as s:
+            self._guard(s, job_id, token)
             s.execute(
                 update(Stage)
                 .where(Stage.job_id == job_id, Stage.name == name)
@@ -368,8 +581,11 @@ class Ledger:
             s.execute(update(Job).where(Job.id == job_id).values(stage=name, updated_at=now))
             s.add(_event(job_id, "stage", f"stage {name} started (pid {pid})", now))
 
-    def stage_progress(self, job_id: str, name: str, fraction: float, message: str) -> None:
+    def stage_progress(
+        self, job_id: str, name: str, fraction: float, message: str, *, token: int | None = None
+    ) -> None:
         with self.write() as s:
+            self._guard(s, job_id, token)
             s.execute(
                 update(Stage)
                 .where(Stage.job_id == job_id, Stage.name == name)
@@ -387,11 +603,13 @@ class Ledger:
         exports: Sequence[ExportRecord] = (),
         last: bool = False,
         notify_title: str = "",
+        token: int | None = None,
     ) -> None:
         """Record a finished stage; for the last stage also the exports, the success
         and its notification, all in one transaction."""
         now = time.time()
         with self.write() as s:
+            self._guard(s, job_id, token)
             st = s.get(Stage, (job_id, name))
             if st is None:
                 raise NotFound(f"no stage {name} for job {job_id}")
@@ -454,19 +672,29 @@ class Ledger:
             existing.created_at = now
             existing.notified_at = None
 
-    def stage_failed(self, job_id: str, name: str, message: str, state: StageState) -> None:
+    def stage_failed(
+        self,
+        job_id: str,
+        name: str,
+        message: str,
+        state: StageState,
+        *,
+        token: int | None = None,
+    ) -> None:
         now = time.time()
         with self.write() as s:
+            self._guard(s, job_id, token)
             s.execute(
                 update(Stage)
                 .where(Stage.job_id == job_id, Stage.name == name)
                 .values(state=state.value, message=message[:2000], finished_at=now, pid=None)
             )
 
-    def fail(self, job_id: str, stage: str, message: str) -> bool:
+    def fail(self, job_id: str, stage: str, message: str, *, token: int | None = None) -> bool:
         """running -> failed, with its notification."""
         now = time.time()
         with self.write() as s:
+            self._guard(s, job_id, token)
             job = s.get(Job, job_id)
             ok = self._transition(
                 s,
@@ -571,16 +799,20 @@ class Ledger:
             )
             return rerun
 
-    def schedule_retry(self, job_id: str, stage: str, message: str, delay_s: float) -> bool:
+    def schedule_retry(
+        self, job_id: str, stage: str, message: str, delay_s: float, *, token: int | None = None
+    ) -> bool:
         now = time.time()
         return self.transition(
             job_id,
             JobState.RUNNING,
             JobState.WAITING,
+            token=token,
             event=f"stage {stage} failed ({message}); retrying in {delay_s:.0f} s",
             next_attempt_at=now + delay_s,
             error=f"{stage}: {message}",
             worker=None,
+            lease_expires_at=None,
         )
 
     # -- events, exports, notifications ---------------------------------------------
@@ -644,29 +876,54 @@ class Ledger:
             s.expunge_all()
             return rows
 
+    def deliver_notifications(self, send: Callable[[Notification], bool], limit: int = 50) -> int:
+        """Claim pending notifications (mark them sent), then show them and record whether
+        they were shown. Claimed first, so a crash while one is being shown never shows it
+        twice; on a shared ledger claims take FOR UPDATE SKIP LOCKED, so of several daemons
+        exactly one shows each."""
+        now = time.time()
+        with self.write() as s:
+            q = (
+                select(Notification)
+                .where(Notification.sent_at.is_(None))
+                .order_by(Notification.id)
+                .limit(limit)
+            )
+            if self.shared:
+                q = q.with_for_update(skip_locked=True)
+            claimed = list(s.scalars(q).all())
+            for n in claimed:
+                self._mark(s, n, None, now)
+            s.flush()
+            s.expunge_all()
+        for n in claimed:
+            self.record_shown(n.id, bool(send(n)))
+        return len(claimed)
+
     def mark_notified(self, notification_id: int, shown: bool | None) -> bool:
-        """Mark a notification sent; False if it already was. The daemon marks it before
-        handing it to the desktop (shown=None) and records the outcome with
-        `record_shown`, so a crash in between can never show it twice."""
+        """Mark a notification sent; False if it already was."""
         now = time.time()
         with self.write() as s:
             n = s.get(Notification, notification_id)
             if n is None or n.sent_at is not None:
                 return False
-            n.sent_at = now
-            n.shown = shown
-            if n.kind == "exported" and n.job_id:
-                s.execute(
-                    update(ExportFile)
-                    .where(ExportFile.job_id == n.job_id, ExportFile.notified_at.is_(None))
-                    .values(notified_at=now)
-                )
+            self._mark(s, n, shown, now)
             return True
 
     def record_shown(self, notification_id: int, shown: bool) -> None:
         with self.write() as s:
             s.execute(
                 update(Notification).where(Notification.id == notification_id).values(shown=shown)
+            )
+
+    def _mark(self, s: Session, n: Notification, shown: bool | None, now: float) -> None:
+        n.sent_at = now
+        n.shown = shown
+        if n.kind == "exported" and n.job_id:
+            s.execute(
+                update(ExportFile)
+                .where(ExportFile.job_id == n.job_id, ExportFile.notified_at.is_(None))
+                .values(notified_at=now)
             )
 
     def delete_job(self, job_id: str) -> None:
@@ -702,4 +959,19 @@ def _human_duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
-__all__ = ["ExportRecord", "Ledger", "NotFound", "OperationalError", "new_job_id"]
+def request_key(content_hash: str, name: str, mtime_ns: int, size: int) -> str:
+    """Identity of one request file as dropped: the same file seen by several daemons
+    (even after one of them moved it) has the same key; a new drop has a new one."""
+    return hashlib.sha256(f"{content_hash}|{name}|{mtime_ns}|{size}".encode()).hexdigest()
+
+
+__all__ = [
+    "ExportRecord",
+    "Fenced",
+    "Ledger",
+    "NotFound",
+    "OperationalError",
+    "RequestTaken",
+    "new_job_id",
+    "request_key",
+]

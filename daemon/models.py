@@ -14,6 +14,7 @@ class Base(DeclarativeBase):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("request_key", name="uq_jobs_request_key"),)
 
     id: Mapped[str] = mapped_column(String(16), primary_key=True)
     project: Mapped[str] = mapped_column(String(64), index=True)
@@ -34,6 +35,17 @@ class Job(Base):
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The lease of the daemon running the job: `worker` owns it until lease_expires_at
+    # (pushed on by every heartbeat). lease_token grows by one with every claim; each write
+    # a daemon makes about a running job is guarded by it, so a daemon whose lease was
+    # taken over cannot write any more (fencing).
+    lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Intake identity of the request file (content hash, name, mtime, size): one request
+    # file becomes one job however many daemons watch the inbox.
+    request_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The host of the daemon that last ran the job (kept after it finishes).
+    host: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 Index("ix_jobs_runnable", Job.state, Job.priority, Job.created_at)
@@ -98,3 +110,18 @@ class Notification(Base):
     created_at: Mapped[float] = mapped_column(Float)
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     shown: Mapped[bool | None] = mapped_column(nullable=True)
+
+
+class Worker(Base):
+    """A live daemon: registered at start, heartbeat while it runs, removed at a clean stop."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid:random
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float, index=True)
+    cuda_devices: Mapped[int] = mapped_column(Integer, default=0)
+    max_jobs: Mapped[int] = mapped_column(Integer, default=1)
+    gpu_stages: Mapped[str] = mapped_column(String(16), default="prefer")

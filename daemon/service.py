@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any
 from daemon import requests
 from daemon.config import Config
 from daemon.db import LedgerError
-from daemon.ledger import ExportRecord, Ledger, new_job_id
+from daemon.ledger import ExportRecord, Fenced, Ledger, RequestTaken, new_job_id, request_key
 from daemon.models import Job
 from daemon.states import JobState, StageState
 from daemon.worker import Outcome, StageProcess, StageTask, classify, kill_tree
@@ -31,6 +32,8 @@ log = logging.getLogger("dropmesh")
 
 GPU_STAGES = frozenset({"features", "matching", "stereo"})
 CANCEL_POLL_S = 0.3
+# Daemons silent for this long are dropped from the workers table.
+FORGET_WORKERS_S = 86400.0
 
 
 class DaemonError(Exception):
@@ -49,6 +52,7 @@ class Running:
     project: str
     spec: dict[str, Any]
     attempt: int
+    token: int = 0  # the fencing token of our lease on the job
     stage: str = ""
     proc: StageProcess | None = None
     progress_written_at: float = 0.0
@@ -78,6 +82,8 @@ class Daemon:
         self._notifier = notifier
         self._gpu_count = gpu_count
         self.gpu_busy = False
+        self._last_beat_ok = time.monotonic()
+        self._gpu_peer: tuple[float, bool] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -98,7 +104,10 @@ class Daemon:
 
     def open(self) -> Ledger:
         self.cfg.ensure_dirs()
-        self._acquire_lock()
+        if self.cfg.url.startswith("sqlite"):
+            # One daemon per SQLite ledger. A server ledger (PostgreSQL) is shared by
+            # any number of daemons, which coordinate through leases instead.
+            self._acquire_lock()
         self._refuse_ledger_without_history()
         try:
             self.ledger = Ledger.open(self.cfg.url, create=True)
@@ -124,6 +133,10 @@ class Daemon:
                 "aside and start again"
             )
 
+    @property
+    def host(self) -> str:
+        return self.worker.split(":", 1)[0]
+
     def gpu_count(self) -> int:
         if self._gpu_count is None:
             from pipeline.devices import cuda_device_count
@@ -137,6 +150,7 @@ class Daemon:
 
         ledger = self.open()
         self._install_signals()
+        self._register(ledger)
         self._recover(ledger)
         notifier = self._notifier if self._notifier is not None else Notifier()
         notify_thread = threading.Thread(
@@ -161,6 +175,7 @@ class Daemon:
         intake.start()
         last_beat = 0.0
         last_cancel_poll = 0.0
+        last_recover = time.monotonic()
         try:
             while not self.stop_requested.is_set():
                 now = time.monotonic()
@@ -169,8 +184,11 @@ class Daemon:
                     self._check_cancels()
                     last_cancel_poll = now
                 if now - last_beat >= self.cfg.heartbeat_s:
-                    ledger.heartbeat(list(self.running), self.worker)
+                    self._heartbeat(ledger)
                     last_beat = now
+                if ledger.shared and now - last_recover >= self.cfg.stale_after_s / 3:
+                    self._recover_stale(ledger)
+                    last_recover = now
                 self._start_jobs()
                 if once and not self.running and self.intake_idle.is_set() and self._idle():
                     log.info("queue drained; exiting (--once)")
@@ -189,7 +207,59 @@ class Daemon:
             if self.cfg.notify:
                 self.stop_requested.set()
                 notify_thread.join(timeout=3)
+            with contextlib.suppress(Exception):
+                ledger.unregister_worker(self.worker)
         return 0
+
+    # -- leases ----------------------------------------------------------------------
+
+    def _register(self, ledger: Ledger) -> None:
+        ledger.register_worker(
+            self.worker,
+            cuda_devices=self.gpu_count(),
+            max_jobs=self.cfg.max_jobs,
+            gpu_stages=self.cfg.gpu_stages,
+        )
+
+    def _heartbeat(self, ledger: Ledger) -> None:
+        """Renew our leases and our row in the workers table; stop work on any job
+        whose lease another daemon has taken over."""
+        leases = {r.job_id: r.token for r in self.running.values()}
+        try:
+            lost = ledger.heartbeat(leases, self.worker, lease_s=self.cfg.stale_after_s)
+        except Exception:
+            # The ledger cannot be reached. Once our leases may have expired, another
+            # daemon may be running these jobs: stop their stages rather than race it.
+            silent = time.monotonic() - self._last_beat_ok
+            log.exception("heartbeat failed (%.0f s without one)", silent)
+            if silent > self.cfg.stale_after_s * 0.8:
+                for stalled in list(self.running.values()):
+                    self._abandon(stalled, "no heartbeat reached the ledger for too long")
+            return
+        self._last_beat_ok = time.monotonic()
+        for job_id in lost:
+            run = self.running.get(job_id)
+            if run is not None:
+                self._abandon(run, "its lease was lost")
+        if not ledger.worker_heartbeat(self.worker):
+            self._register(ledger)
+
+    def _recover_stale(self, ledger: Ledger) -> None:
+        """Shared ledger: requeue the jobs of daemons that stopped heartbeating."""
+        try:
+            for job_id in ledger.recover(stale_after_s=self.cfg.stale_after_s):
+                log.warning("job %s: its daemon stopped heartbeating; requeued", job_id)
+                self._job_log(job_id, "requeued: the daemon running it stopped heartbeating")
+            ledger.prune_workers(FORGET_WORKERS_S)
+        except Exception:
+            log.exception("recovering stale jobs failed; will try again")
+
+    def _abandon(self, run: Running, why: str) -> None:
+        """Stop working on a job we no longer own, writing nothing more about it."""
+        log.warning("job %s: %s; stopping stage %s here", run.job_id, why, run.stage or "-")
+        if run.proc is not None and run.proc.proc.is_alive():
+            run.proc.kill_tree(grace_s=0.5)
+        self._release(run)
 
     def _intake_loop(self, watcher: Any) -> None:
         """Inbox -> ledger, in its own thread so pickup never waits for stage work."""
@@ -238,11 +308,24 @@ class Daemon:
         return not counts.get(JobState.WAITING.value, 0)
 
     def _recover(self, ledger: Ledger) -> None:
-        """We hold the home lock, so every running job belongs to a daemon that died."""
-        for job_id, stage, pid in ledger.running_stage_pids():
+        """Alone on an SQLite ledger (we hold the home lock), every running job belongs
+        to a daemon that died. On a shared ledger: those of dead daemons of this host
+        (their pid is gone) at once, those of other hosts when their lease expires."""
+        if ledger.shared:
+            dead = [w for w in ledger.running_workers() if _dead_local_worker(w, self.host)]
+            leftovers = ledger.running_stage_pids(dead) if dead else []
+            requeue: dict[str, Any] = {"dead_workers": dead}
+        else:
+            leftovers = ledger.running_stage_pids()
+            requeue = {"worker": self.worker}
+        for job_id, stage, pid in leftovers:
             if kill_tree(pid, 0.5, expect_name="multiprocessing"):
                 log.warning("stopped a leftover %s process (pid %d) of job %s", stage, pid, job_id)
-        for job_id in ledger.recover(worker=self.worker):
+        if ledger.shared:
+            self._recover_stale(ledger)
+            if not dead:
+                return
+        for job_id in ledger.recover(**requeue):
             log.info("job %s: resuming after the previous daemon stopped", job_id)
             self._job_log(job_id, "resuming after the previous daemon stopped")
 
@@ -253,15 +336,23 @@ class Daemon:
             if run.proc is not None:
                 run.proc.kill_tree(grace_s=1.0)
         for run in list(self.running.values()):
-            self.ledger.stage_failed(run.job_id, run.stage, "interrupted", StageState.PENDING)
-            self.ledger.transition(
-                run.job_id,
-                JobState.RUNNING,
-                JobState.QUEUED,
-                event="daemon stopped; the job resumes at its next start",
-                worker=None,
-                attempts=max(run.attempt - 1, 0),
-            )
+            try:
+                if run.stage:
+                    self.ledger.stage_failed(
+                        run.job_id, run.stage, "interrupted", StageState.PENDING, token=run.token
+                    )
+                self.ledger.transition(
+                    run.job_id,
+                    JobState.RUNNING,
+                    JobState.QUEUED,
+                    event="daemon stopped; the job resumes at its next start",
+                    token=run.token,
+                    worker=None,
+                    lease_expires_at=None,
+                    attempts=max(run.attempt - 1, 0),
+                )
+            except Fenced:
+                continue  # another daemon has it already
             self._job_log(run.job_id, f"daemon stopped during stage {run.stage}; will resume")
         self.running.clear()
 
@@ -289,6 +380,16 @@ class Daemon:
             self._reject(path, str(exc))
             return "rejected"
         spec = accepted.spec
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return "gone"
+        key = request_key(accepted.content_hash, path.name, st.st_mtime_ns, st.st_size)
+        if self.ledger.shared and (taken := self.ledger.find_by_key(key)) is not None:
+            # Another daemon watching the same inbox took it first (or we did, before a
+            # crash): make sure it leaves the inbox; the job exists once.
+            self._move(path, self.cfg.workspace(taken.id) / f"request{path.suffix.lower()}")
+            return "accepted"
         earlier = [
             j for j in self.ledger.find_by_hash(accepted.content_hash) if j.state != "cancelled"
         ]
@@ -313,15 +414,24 @@ class Daemon:
         job_id = new_job_id()
         ws = self.cfg.workspace(job_id)
         ws.mkdir(parents=True, exist_ok=True)
-        job = self.ledger.create_job(
-            job_id=job_id,
-            project=spec.project,
-            spec=spec.to_json(),
-            request_hash=accepted.content_hash,
-            request_name=path.name,
-            priority=accepted.priority,
-            max_attempts=self.cfg.max_attempts,
-        )
+        try:
+            job = self.ledger.create_job(
+                job_id=job_id,
+                project=spec.project,
+                spec=spec.to_json(),
+                request_hash=accepted.content_hash,
+                request_name=path.name,
+                priority=accepted.priority,
+                max_attempts=self.cfg.max_attempts,
+                request_key=key,
+            )
+        except RequestTaken:
+            with contextlib.suppress(OSError):
+                ws.rmdir()
+            taken = self.ledger.find_by_key(key)
+            if taken is not None:
+                self._move(path, self.cfg.workspace(taken.id) / f"request{path.suffix.lower()}")
+            return "accepted"
         self._move(path, ws / f"request{path.suffix.lower()}")
         log.info(
             "job %s queued: project %s, %d images, %s quality -> %s",
@@ -334,17 +444,30 @@ class Daemon:
         self._job_log(job.id, f"queued from {path.name}: {accepted.image_count} images")
         return "accepted"
 
-    def _move(self, src: Path, dst: Path) -> None:
+    def _move(self, src: Path, dst: Path) -> bool:
         """Move a request out of the inbox by hard link + unlink rather than rename:
         inotify reports a rename out of the watched folder as an unpaired move, which
-        the observer holds back for half a second together with every later event."""
+        the observer holds back for half a second together with every later event.
+
+        Several daemons may move the same file at once: dst is replaced atomically
+        (link to a private temporary name, then rename), and a src that another daemon
+        moved already is not an error. Returns False when src was gone."""
         dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.unlink(missing_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
+            try:
+                os.link(src, tmp)
+            except FileNotFoundError:
+                return False
+            except OSError:
+                shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+        except FileNotFoundError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
         src.unlink(missing_ok=True)
+        return True
 
     def _reject(self, path: Path, message: str, duplicate: bool = False) -> None:
         assert self.ledger is not None
@@ -357,7 +480,8 @@ class Daemon:
             while dst.exists():
                 n += 1
                 dst = rejected / f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}-{n}{path.suffix}"
-        self._move(path, dst)
+        if not self._move(path, dst):
+            return  # another daemon watching this inbox handled it
         (rejected / f"{dst.name}.error.txt").write_text(
             f"{path.name} was not accepted:\n{message}\n\n"
             "Fix the request and drop it into the inbox again.\n",
@@ -371,14 +495,47 @@ class Daemon:
     def _start_jobs(self) -> None:
         assert self.ledger is not None
         while len(self.running) < self.cfg.max_jobs and not self.stop_requested.is_set():
-            job = self.ledger.claim_next(self.worker)
+            job = self.ledger.claim_next(
+                self.worker, lease_s=self.cfg.stale_after_s, skip_next=self._leave_to_gpu()
+            )
             if job is None:
                 return
-            self.running[job.id] = Running(
-                job_id=job.id, project=job.project, spec=dict(job.spec), attempt=job.attempts
+            run = Running(
+                job_id=job.id,
+                project=job.project,
+                spec=dict(job.spec),
+                attempt=job.attempts,
+                token=job.lease_token,
             )
-            self._job_log(job.id, f"attempt {job.attempts} of {job.max_attempts} started")
-            self._next_stage(self.running[job.id])
+            self.running[job.id] = run
+            self._job_log(
+                job.id,
+                f"attempt {job.attempts} of {job.max_attempts} started on {self.host} "
+                f"(lease {job.lease_token})",
+            )
+            self._guarded(run, self._next_stage, run)
+
+    def _leave_to_gpu(self) -> frozenset[str]:
+        """Stages a daemon without a GPU leaves to daemons with one (gpu_stages):
+        `any` none; `require` all GPU stages; `prefer` all GPU stages while a live
+        daemon with a CUDA device shares the ledger, none otherwise."""
+        if self.gpu_count() > 0 or self.cfg.gpu_stages == "any" or self.ledger is None:
+            return frozenset()
+        if self.cfg.gpu_stages == "require":
+            return GPU_STAGES
+        now = time.monotonic()
+        cached = self._gpu_peer
+        if cached is None or now - cached[0] > self.cfg.heartbeat_s:
+            cached = (now, self.ledger.gpu_worker_alive(self.cfg.stale_after_s))
+            self._gpu_peer = cached
+        return GPU_STAGES if cached[1] else frozenset()
+
+    def _guarded(self, run: Running, fn: Callable[..., None], *args: Any) -> None:
+        """Run one step of a job's work; a fenced write ends our work on the job."""
+        try:
+            fn(*args)
+        except Fenced as exc:
+            self._abandon(run, f"write refused ({exc})")
 
     def _next_stage(self, run: Running) -> None:
         assert self.ledger is not None
@@ -386,11 +543,25 @@ class Daemon:
         todo = [s.name for s in stages if s.state != StageState.DONE.value]
         if not todo:
             self.ledger.transition(
-                run.job_id, JobState.RUNNING, JobState.SUCCEEDED, finished_at=time.time()
+                run.job_id,
+                JobState.RUNNING,
+                JobState.SUCCEEDED,
+                token=run.token,
+                finished_at=time.time(),
             )
             self.running.pop(run.job_id, None)
             return
         stage = todo[0]
+        if stage in self._leave_to_gpu():
+            if run.holds_gpu:
+                self.gpu_busy = run.holds_gpu = False
+            self.ledger.release(
+                run.job_id, run.token, f"stage {stage} left to a daemon with a GPU ({self.host})"
+            )
+            self._job_log(run.job_id, f"stage {stage} left to a daemon with a GPU")
+            log.info("job %s: stage %s left to a daemon with a GPU", run.job_id, stage)
+            self.running.pop(run.job_id, None)
+            return
         uses_gpu = stage in GPU_STAGES and self.gpu_count() > 0
         if uses_gpu and self.gpu_busy and not run.holds_gpu:
             run.stage = stage
@@ -429,36 +600,40 @@ class Daemon:
             )
             return
         run.progress_written_at = 0.0
-        self.ledger.stage_started(run.job_id, stage, run.proc.pid, run.attempt)
+        self.ledger.stage_started(run.job_id, stage, run.proc.pid, run.attempt, token=run.token)
         self._job_log(run.job_id, f"stage {stage} started (pid {run.proc.pid})")
         log.info("job %s: stage %s started", run.job_id, stage)
 
     def _poll_children(self) -> None:
         assert self.ledger is not None
         for run in list(self.running.values()):
-            if run.proc is None:
-                self._next_stage(run)  # waiting for the GPU slot
-                continue
-            outcome = run.proc.poll()
-            if run.proc.progress is not None:
-                now = time.monotonic()
-                if now - run.progress_written_at >= 0.25 or outcome is not None:
-                    frac, msg = run.proc.progress
-                    self.ledger.stage_progress(run.job_id, run.stage, frac, msg)
-                    run.progress_written_at = now
-                    run.proc.progress = None
-            if outcome is None:
-                if time.monotonic() - run.proc.started > self.cfg.stage_timeout_s:
-                    run.proc.kill_tree()
-                    outcome = Outcome(
-                        "crashed",
-                        message=f"stage took longer than stage_timeout_s "
-                        f"({self.cfg.stage_timeout_s:.0f} s) and was stopped",
-                        transient=True,
-                    )
-                else:
-                    continue
-            self._finish_stage(run, outcome)
+            self._guarded(run, self._poll_child, run)
+
+    def _poll_child(self, run: Running) -> None:
+        assert self.ledger is not None
+        if run.proc is None:
+            self._next_stage(run)  # waiting for the GPU slot
+            return
+        outcome = run.proc.poll()
+        if run.proc.progress is not None:
+            now = time.monotonic()
+            if now - run.progress_written_at >= 0.25 or outcome is not None:
+                frac, msg = run.proc.progress
+                self.ledger.stage_progress(run.job_id, run.stage, frac, msg, token=run.token)
+                run.progress_written_at = now
+                run.proc.progress = None
+        if outcome is None:
+            if time.monotonic() - run.proc.started > self.cfg.stage_timeout_s:
+                run.proc.kill_tree()
+                outcome = Outcome(
+                    "crashed",
+                    message=f"stage took longer than stage_timeout_s "
+                    f"({self.cfg.stage_timeout_s:.0f} s) and was stopped",
+                    transient=True,
+                )
+            else:
+                return
+        self._finish_stage(run, outcome)
 
     def _finish_stage(self, run: Running, outcome: Outcome) -> None:
         assert self.ledger is not None
@@ -478,6 +653,7 @@ class Daemon:
                 peak_rss_mb=p.get("peak_rss_mb"),
                 exports=exports,
                 last=last,
+                token=run.token,
             )
             self._job_log(run.job_id, f"stage {stage} done")
             if last:
@@ -490,14 +666,14 @@ class Daemon:
             return
         message = outcome.message + (f" ({outcome.hint})" if outcome.hint else "")
         self._job_log(run.job_id, f"stage {stage} failed: {message}")
-        self.ledger.stage_failed(run.job_id, stage, message, StageState.FAILED)
+        self.ledger.stage_failed(run.job_id, stage, message, StageState.FAILED, token=run.token)
         job = self.ledger.get(run.job_id)
         self._release(run)
         if outcome.transient and job.attempts < job.max_attempts:
             delay = backoff_delay(
                 job.attempts, self.cfg.retry_base_s, self.cfg.retry_max_s, self.rng
             )
-            self.ledger.schedule_retry(run.job_id, stage, message, delay)
+            self.ledger.schedule_retry(run.job_id, stage, message, delay, token=run.token)
             log.warning(
                 "job %s: stage %s failed (%s); retry %d of %d in %.0f s",
                 run.job_id,
@@ -510,7 +686,7 @@ class Daemon:
         else:
             if outcome.transient:
                 message = f"{message}; gave up after {job.attempts} attempts"
-            self.ledger.fail(run.job_id, stage, message)
+            self.ledger.fail(run.job_id, stage, message, token=run.token)
             log.error("job %s failed at stage %s: %s", run.job_id, stage, message)
 
     def _release(self, run: Running) -> None:
@@ -531,18 +707,21 @@ class Daemon:
             if run.proc is not None:
                 run.proc.kill_tree(grace_s=0.5)
                 run.proc.poll()
-            self._cancelled(run)
+            self._guarded(run, self._cancelled, run)
 
     def _cancelled(self, run: Running) -> None:
         assert self.ledger is not None
         if run.stage:
-            self.ledger.stage_failed(run.job_id, run.stage, "cancelled", StageState.CANCELLED)
+            self.ledger.stage_failed(
+                run.job_id, run.stage, "cancelled", StageState.CANCELLED, token=run.token
+            )
             remove_stage_outputs(self.cfg.workspace(run.job_id), run.stage)
         self.ledger.transition(
             run.job_id,
             JobState.RUNNING,
             JobState.CANCELLED,
             event=f"cancelled during stage {run.stage}",
+            token=run.token,
             finished_at=time.time(),
             worker=None,
             cancel_requested=False,
@@ -566,15 +745,7 @@ class Daemon:
 
     def flush_notifications(self, notifier: Any) -> int:
         assert self.ledger is not None
-        sent = 0
-        for n in self.ledger.pending_notifications():
-            # Claimed before it is shown: after a crash while it is being shown it is not
-            # shown again (at most once; the text stays in the ledger either way).
-            if not self.ledger.mark_notified(n.id, None):
-                continue
-            self.ledger.record_shown(n.id, bool(notifier.notify(n.title, n.body)))
-            sent += 1
-        return sent
+        return self.ledger.deliver_notifications(lambda n: bool(notifier.notify(n.title, n.body)))
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -586,6 +757,22 @@ class Daemon:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} dropmesh: {message}\n")
         except OSError as exc:
             log.warning("cannot write the log of job %s: %s", job_id, exc)
+
+
+def _dead_local_worker(worker: str, host: str) -> bool:
+    """Whether `worker` (host:pid:id) was a daemon on this host whose process is gone."""
+    parts = worker.split(":")
+    if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
+        return False
+    import psutil
+
+    try:
+        cmdline = " ".join(psutil.Process(int(parts[1])).cmdline())
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+    return "daemon" not in cmdline and "dropmesh" not in cmdline
 
 
 def remove_stage_outputs(workspace: Path, stage: str) -> None:

@@ -10,12 +10,17 @@ Observation points for crash tests: `"pause_after_publish": S` writes
 seconds before returning its result; `"pause_mid_publish": S` (export) writes
 `<workspace>/.export.midpublish` after the first format is published and waits S seconds
 before publishing the next. `"real": true` runs the real stage instead.
+
+Each stage holds an exclusive lock on the job's workspace while it runs; a stage that
+finds it taken (two stages of one job running at once, e.g. by two daemons) writes
+`overlaps.log` into the workspace for the tests to find.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -53,6 +58,19 @@ def _fail(how: str, stage: str) -> None:
 
 
 def run_stage(stage: str, ctx: StageContext) -> StageResult:
+    lock = os.open(ctx.workspace / ".stage.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with open(ctx.workspace / "overlaps.log", "a") as f:
+            f.write(f"{stage} {os.getpid()} {time.time()}\n")
+    try:
+        return _run_stage(stage, ctx)
+    finally:
+        os.close(lock)
+
+
+def _run_stage(stage: str, ctx: StageContext) -> StageResult:
     beh = _behaviour(ctx, stage)
     if beh.get("real"):
         from pipeline.stages import run_stage as real_run_stage

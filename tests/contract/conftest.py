@@ -8,9 +8,11 @@ import pytest
 from daemon.ledger import Ledger
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Every ledger backend the contract tests run against."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("pg_url"))
     return f"sqlite:///{tmp_path / 'jobs.db'}"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemon.db import LedgerError
-from daemon.ledger import ExportRecord, Ledger, NotFound
+from daemon.ledger import ExportRecord, Fenced, Ledger, NotFound
 from daemon.states import JobState, StageState, TransitionError
 from pipeline import STAGES
 
@@ -185,3 +185,155 @@ def test_schema_head_constant_matches_migrations() -> None:
     from daemon import db
 
     assert db.head_revision() == db.SCHEMA_HEAD
+
+
+# -- leases, fencing, several daemons -------------------------------------------------
+
+
+def test_each_claim_gets_a_larger_fencing_token(ledger: Ledger) -> None:
+    job_id = make(ledger)
+    first = ledger.claim_next("host-a:1:aaa")
+    assert first is not None and first.lease_token == 1 and first.host == "host-a"
+    assert first.lease_expires_at is not None and first.lease_expires_at > time.time()
+    time.sleep(0.02)
+    assert ledger.recover(stale_after_s=0.01) == [job_id]
+    second = ledger.claim_next("host-b:2:bbb")
+    assert second is not None and second.id == job_id and second.lease_token == 2
+
+
+def test_stale_token_writes_are_refused(ledger: Ledger, tmp_path: Path) -> None:
+    job_id = make(ledger)
+    old = ledger.claim_next("a:1:x")
+    assert old is not None
+    ledger.stage_started(job_id, "ingest", pid=11, attempt=1, token=old.lease_token)
+    time.sleep(0.02)
+    assert ledger.recover(stale_after_s=0.01) == [job_id]  # lease a expired
+    new = ledger.claim_next("b:2:y")
+    assert new is not None and new.lease_token > old.lease_token
+    ledger.stage_started(job_id, "ingest", pid=22, attempt=1, token=new.lease_token)
+    before = (ledger.get(job_id), ledger.stages(job_id), len(ledger.events(job_id)))
+    t = old.lease_token
+    f = tmp_path / "m.glb"
+    f.write_bytes(b"glTF")
+    stale_writes = [
+        lambda: ledger.stage_started(job_id, "features", pid=1, attempt=1, token=t),
+        lambda: ledger.stage_progress(job_id, "ingest", 0.9, "late", token=t),
+        lambda: ledger.stage_finished(
+            job_id, "ingest", metrics={}, device="cpu", peak_rss_mb=None, token=t
+        ),
+        lambda: ledger.stage_finished(
+            job_id,
+            "export",
+            metrics={},
+            device="cpu",
+            peak_rss_mb=None,
+            exports=[ExportRecord(f, "glb")],
+            last=True,
+            token=t,
+        ),
+        lambda: ledger.stage_failed(job_id, "ingest", "late", StageState.FAILED, token=t),
+        lambda: ledger.fail(job_id, "ingest", "late", token=t),
+        lambda: ledger.schedule_retry(job_id, "ingest", "late", 1.0, token=t),
+        lambda: ledger.transition(job_id, JobState.RUNNING, JobState.CANCELLED, token=t),
+        lambda: ledger.release(job_id, t, "late"),
+    ]
+    for write in stale_writes:
+        with pytest.raises(Fenced):
+            write()
+    assert ledger.heartbeat({job_id: t}, "a:1:x") == {job_id}
+    job, stages, n_events = before
+    after = ledger.get(job_id)
+    assert (after.state, after.worker, after.lease_token) == ("running", "b:2:y", new.lease_token)
+    assert [(s.state, s.pid, s.progress) for s in ledger.stages(job_id)] == [
+        (s.state, s.pid, s.progress) for s in stages
+    ]
+    assert len(ledger.events(job_id)) == n_events and ledger.exports() == []
+    # the current owner still writes
+    assert ledger.heartbeat({job_id: new.lease_token}, "b:2:y") == set()
+    ledger.stage_progress(job_id, "ingest", 0.5, "half", token=new.lease_token)
+    assert ledger.stages(job_id)[0].progress == 0.5
+
+
+def test_recover_by_staleness_leaves_live_leases(ledger: Ledger) -> None:
+    live, dead = make(ledger, "live", h="1"), make(ledger, "dead", h="2")
+    a = ledger.claim_next("a:1:x")
+    b = ledger.claim_next("b:2:y")
+    assert a is not None and b is not None
+    time.sleep(0.3)
+    ledger.heartbeat({a.id: a.lease_token}, "a:1:x")
+    assert ledger.recover(stale_after_s=0.2) == [b.id]
+    assert {ledger.get(live).state, ledger.get(dead).state} == {"running", "queued"}
+    assert ledger.recover(dead_workers=["a:1:x"]) == [a.id]
+
+
+def test_claim_leaves_jobs_whose_next_stage_is_skipped(ledger: Ledger) -> None:
+    job_id = make(ledger)
+    job = ledger.claim_next("gpu:1:x")
+    assert job is not None
+    ledger.stage_started(job_id, "ingest", pid=1, attempt=1, token=job.lease_token)
+    ledger.stage_finished(
+        job_id, "ingest", metrics={}, device="cpu", peak_rss_mb=None, token=job.lease_token
+    )
+    assert ledger.release(job_id, job.lease_token, "features wants a GPU")
+    assert ledger.get(job_id).attempts == 0
+    assert ledger.claim_next("cpu:2:y", skip_next={"features", "matching"}) is None
+    other = make(ledger, "other", h="o")
+    got = ledger.claim_next("cpu:2:y", skip_next={"features", "matching"})
+    assert got is not None and got.id == other  # its next stage is ingest
+    got = ledger.claim_next("gpu:1:x")
+    assert got is not None and got.id == job_id and got.lease_token == 2
+
+
+def test_request_key_makes_intake_idempotent(ledger: Ledger) -> None:
+    from daemon.ledger import RequestTaken, request_key
+
+    key = request_key("h", "a.toml", 123, 45)
+    first = ledger.create_job(
+        project="a", spec={}, request_hash="h", request_name="a.toml", request_key=key
+    )
+    with pytest.raises(RequestTaken):
+        ledger.create_job(
+            project="a", spec={}, request_hash="h", request_name="a.toml", request_key=key
+        )
+    assert [j.id for j in ledger.find_by_hash("h")] == [first.id]
+    assert ledger.find_by_key(key) is not None
+
+
+def test_workers_register_heartbeat_and_gpu_presence(ledger: Ledger) -> None:
+    ledger.register_worker("cpu-host:10:aa", cuda_devices=0, max_jobs=2, gpu_stages="prefer")
+    assert not ledger.gpu_worker_alive(30)
+    ledger.register_worker("gpu-host:11:bb", cuda_devices=2, max_jobs=1, gpu_stages="any")
+    assert ledger.gpu_worker_alive(30)
+    assert not ledger.gpu_worker_alive(30, now=time.time() + 60)
+    assert ledger.worker_heartbeat("gpu-host:11:bb")
+    ws = {w.id: w for w in ledger.workers()}
+    assert ws["gpu-host:11:bb"].host == "gpu-host" and ws["gpu-host:11:bb"].pid == 11
+    assert ws["cpu-host:10:aa"].max_jobs == 2
+    ledger.unregister_worker("gpu-host:11:bb")
+    assert not ledger.worker_heartbeat("gpu-host:11:bb")
+    assert [w.id for w in ledger.workers()] == ["cpu-host:10:aa"]
+
+
+def _deliver_worker(url: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    led = Ledger.open(url)
+    sent: list[int] = []
+    while led.deliver_notifications(lambda n: sent.append(n.id) is None, limit=3):
+        pass
+    out.put(sent)
+
+
+def test_each_notification_is_delivered_by_one_daemon(ledger: Ledger, ledger_url: str) -> None:
+    if not ledger.shared:
+        pytest.skip("an SQLite ledger has one daemon (home lock), which owns the outbox")
+    for i in range(30):
+        ledger.reject(f"r{i}.toml", "bad")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_deliver_worker, args=(ledger_url, q)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    sent = [n for _ in procs for n in q.get(timeout=60)]
+    for p in procs:
+        p.join()
+    assert len(sent) == 30 and len(set(sent)) == 30
+    assert ledger.pending_notifications() == []
