@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -24,6 +25,12 @@ _TEMP_RE = re.compile(r"(^\.|^#.*#$|~$|\.(swp|swx|swo|tmp|part|crdownload|partia
 
 class RequestError(Exception):
     """The request cannot be accepted; the message names the key and the reason."""
+
+
+def display_name(path: Path) -> str:
+    """A file name as text for the ledger and messages: bytes that are not UTF-8 (the file
+    system allows them) are shown as U+FFFD instead of failing every write of the name."""
+    return os.fsencode(path.name).decode("utf-8", "replace")
 
 
 def is_request_file(path: Path) -> bool:
@@ -112,6 +119,11 @@ def parse(
     max_bytes: int = 65536,
 ) -> Accepted:
     """Read and validate a request file. Raises RequestError with a clear message."""
+    if path.is_symlink():
+        raise RequestError(
+            "the request file is a symbolic link; write (or copy) the request into the "
+            "inbox itself: request files are read only as regular files"
+        )
     try:
         size = path.stat().st_size
     except OSError as exc:

@@ -384,7 +384,9 @@ class Daemon:
             st = path.stat()
         except FileNotFoundError:
             return "gone"
-        key = request_key(accepted.content_hash, path.name, st.st_mtime_ns, st.st_size)
+        key = request_key(
+            accepted.content_hash, requests.display_name(path), st.st_mtime_ns, st.st_size
+        )
         if self.ledger.shared and (taken := self.ledger.find_by_key(key)) is not None:
             # Another daemon watching the same inbox took it first (or we did, before a
             # crash): make sure it leaves the inbox; the job exists once.
@@ -396,7 +398,7 @@ class Daemon:
         if earlier and not accepted.force:
             j = earlier[-1]
             ws_request = self.cfg.workspace(j.id) / f"request{path.suffix.lower()}"
-            if j.request_name == path.name and (
+            if j.request_name == requests.display_name(path) and (
                 not ws_request.exists() or ws_request.samefile(path)
             ):
                 # Accepted before a crash, but not yet (or not wholly) moved out of the inbox.
@@ -420,7 +422,7 @@ class Daemon:
                 project=spec.project,
                 spec=spec.to_json(),
                 request_hash=accepted.content_hash,
-                request_name=path.name,
+                request_name=requests.display_name(path),
                 priority=accepted.priority,
                 max_attempts=self.cfg.max_attempts,
                 request_key=key,
@@ -441,7 +443,9 @@ class Daemon:
             spec.quality,
             ", ".join(spec.formats),
         )
-        self._job_log(job.id, f"queued from {path.name}: {accepted.image_count} images")
+        self._job_log(
+            job.id, f"queued from {requests.display_name(path)}: {accepted.image_count} images"
+        )
         return "accepted"
 
     def _move(self, src: Path, dst: Path) -> bool:
@@ -483,12 +487,12 @@ class Daemon:
         if not self._move(path, dst):
             return  # another daemon watching this inbox handled it
         (rejected / f"{dst.name}.error.txt").write_text(
-            f"{path.name} was not accepted:\n{message}\n\n"
+            f"{requests.display_name(path)} was not accepted:\n{message}\n\n"
             "Fix the request and drop it into the inbox again.\n",
             encoding="utf-8",
         )
-        self.ledger.reject(path.name, message, notify=not duplicate)
-        log.warning("rejected %s: %s", path.name, message)
+        self.ledger.reject(requests.display_name(path), message, notify=not duplicate)
+        log.warning("rejected %s: %s", requests.display_name(path), message)
 
     # -- scheduling ------------------------------------------------------------------
 
