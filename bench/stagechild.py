@@ -7,6 +7,7 @@ the import time, the stage's own time and this process's peak RSS.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,11 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def main() -> None:
@@ -39,8 +45,10 @@ def main() -> None:
         device=args.get("device", "cpu"),
         threads=int(args.get("threads", 0)),
     )
+    c1 = _cpu()
     result = fn(ctx)
     t2 = time.perf_counter()
+    cpu = _cpu() - c1
     rss = peak_rss_mb()
     print(
         json.dumps(
@@ -49,6 +57,8 @@ def main() -> None:
                 "import_s": round(t1 - t0, 3),
                 "seconds": round(t2 - t1, 3),
                 "peak_rss_mb": round(rss, 1),
+                "cpu_s": round(cpu, 3),
+                "cores_used": round(cpu / max(t2 - t1, 1e-9), 2),
                 "metrics": {
                     k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)
                 },
