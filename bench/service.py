@@ -67,7 +67,7 @@ def bench_status(root: Path, jobs: int) -> dict[str, Any]:
     states = ["succeeded"] * 8 + ["failed", "cancelled"]
     with ledger.write() as s:
         s.execute(
-            Job.__table__.insert(),
+            Job.__table__.insert(),  # type: ignore[attr-defined]
             [
                 {
                     "id": f"{i:08x}",
@@ -88,7 +88,7 @@ def bench_status(root: Path, jobs: int) -> dict[str, Any]:
             ],
         )
         s.execute(
-            Stage.__table__.insert(),
+            Stage.__table__.insert(),  # type: ignore[attr-defined]
             [
                 {
                     "job_id": f"{i:08x}",

@@ -20,13 +20,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
-
-import pycolmap
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import Cancelled, PermanentError
 from pipeline.presets import Preset, preset
+
+if TYPE_CHECKING:  # imported where used: ingest's process never loads pycolmap
+    import pycolmap
 
 METRICS = "metrics.json"
 T = TypeVar("T")
@@ -51,6 +52,8 @@ def num_threads(ctx: StageContext) -> int:
 
 def device(ctx: StageContext) -> tuple[pycolmap.Device, str]:
     """The pycolmap device for feature extraction and matching, and its name."""
+    import pycolmap
+
     cuda = getattr(pycolmap, "get_num_cuda_devices", lambda: 0)()
     if ctx.device == "cpu" or cuda == 0:
         return pycolmap.Device.cpu, "cpu"
@@ -137,6 +140,8 @@ def call_cancellable(
     and check `ctx.cancelled()`. On cancel, cancel the token, wait for the call to return
     (or, with abandon_on_cancel, for calls that cannot be interrupted, leave it to die with
     the stage's process) and raise Cancelled."""
+    import pycolmap
+
     token = pycolmap.CancellationToken()
     box: dict[str, Any] = {}
 

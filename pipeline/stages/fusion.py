@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open3d as o3d
 import pycolmap
 
 from pipeline.context import StageContext, StageResult
@@ -32,6 +31,55 @@ FUSED = "fused.ply"
 MIN_POINTS = 1000  # fewer fused points than this cannot make a useful mesh
 SGBM_MIN_NUM_PIXELS = 3  # views a fused point needs (depth maps from pair matching)
 SGBM_MAX_NORMAL_ERROR = 20.0  # degrees
+
+
+_PLY_TYPES = {
+    "char": "i1", "uchar": "u1", "short": "<i2", "ushort": "<u2", "int": "<i4",
+    "uint": "<u4", "float": "<f4", "double": "<f8",
+    "int8": "i1", "uint8": "u1", "int16": "<i2", "uint16": "<u2", "int32": "<i4",
+    "uint32": "<u4", "float32": "<f4", "float64": "<f8",
+}  # fmt: skip
+
+
+def read_ply_points(path: Path) -> np.ndarray:
+    """The vertex positions (n, 3) of a binary little-endian PLY point cloud, as COLMAP's
+    fusion writes it, read with numpy (no open3d import: this stage's process starts
+    faster). Other PLY flavours go through open3d."""
+    with open(path, "rb") as fh:
+        header: list[str] = []
+        while True:
+            raw = fh.readline()
+            if not raw:
+                break
+            header.append(raw.decode("ascii", "replace").strip())
+            if header[-1] == "end_header":
+                break
+        fields: list[tuple[str, str]] = []
+        count, only_vertices, element = 0, True, ""
+        for line in header:
+            parts = line.split()
+            if parts[:1] == ["element"]:
+                element = parts[1]
+                if element == "vertex":
+                    count = int(parts[2])
+                elif int(parts[2]) > 0:
+                    only_vertices = False
+            elif parts[:1] == ["property"] and element == "vertex":
+                if parts[1] == "list" or parts[1] not in _PLY_TYPES:
+                    only_vertices = False
+                else:
+                    fields.append((parts[2], _PLY_TYPES[parts[1]]))
+        names = {name for name, _ in fields}
+        if (
+            "format binary_little_endian 1.0" in header
+            and only_vertices
+            and {"x", "y", "z"} <= names
+        ):
+            data = np.fromfile(fh, dtype=np.dtype(fields), count=count)
+            return np.stack([data["x"], data["y"], data["z"]], axis=-1).astype(np.float64)
+    import open3d as o3d
+
+    return np.asarray(o3d.io.read_point_cloud(path).points)
 
 
 def fusion_options(engine: str, threads: int) -> pycolmap.StereoFusionOptions:
@@ -99,15 +147,14 @@ def run(ctx: StageContext) -> StageResult:
         options = fusion_options(str(stereo.get("engine", "")), num_threads(ctx))
         _fuse(ctx, out, options)
         ply = out / FUSED
-        cloud = o3d.io.read_point_cloud(ply) if ply.is_file() else o3d.geometry.PointCloud()
-        n = len(cloud.points)
+        pts = read_ply_points(ply) if ply.is_file() else np.zeros((0, 3))
+        n = len(pts)
         if n < MIN_POINTS:
             raise PermanentError(
                 f"the fused point cloud has {n} points (at least {MIN_POINTS} are needed)",
                 stage=STAGE,
                 hint="the photos may lack texture or overlap; take more photos, closer together",
             )
-        pts = np.asarray(cloud.points)
         lo, hi = np.percentile(pts, 1, axis=0), np.percentile(pts, 99, axis=0)
         metrics: dict[str, Any] = {
             "points": n,

@@ -17,8 +17,11 @@ An unreadable, truncated or unsupported image is a PermanentError naming the fil
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +72,33 @@ def run(ctx: StageContext) -> StageResult:
         out_images = tmp / "images"
         out_images.mkdir()
         names = _output_names(files)
-        for i, (path, name) in enumerate(zip(files, names, strict=True)):
-            ctx.check_cancelled()
+
+        stop = threading.Event()  # set on cancel: images not yet started are skipped
+
+        def one(item: tuple[Path, str]) -> dict[str, Any] | str | None:
+            path, name = item
+            if stop.is_set():
+                return None
             try:
-                records.append(_ingest_one(path, out_images / name, max_size))
+                return _ingest_one(path, out_images / name, max_size)
             except _BadImage as exc:
-                bad.append(f"{path.name}: {exc}")
-                ctx.log.warning("ingest: %s: %s", path, exc)
-            ctx.progress((i + 1) / len(files), f"checked {i + 1}/{len(files)} images")
+                return f"{path.name}: {exc}"
+
+        # decoding, resizing and encoding release the GIL: one image per core at a time
+        pool = ThreadPoolExecutor(max_workers=_workers(ctx))
+        try:
+            outcomes = pool.map(one, zip(files, names, strict=True))
+            for i, (path, out) in enumerate(zip(files, outcomes, strict=True)):
+                ctx.check_cancelled()
+                if isinstance(out, str):
+                    bad.append(out)
+                    ctx.log.warning("ingest: %s: %s", path, out)
+                elif out is not None:
+                    records.append(out)
+                ctx.progress((i + 1) / len(files), f"checked {i + 1}/{len(files)} images")
+        finally:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
         if bad:
             shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise PermanentError(
@@ -104,6 +126,12 @@ def run(ctx: StageContext) -> StageResult:
 
 class _BadImage(Exception):
     pass
+
+
+def _workers(ctx: StageContext) -> int:
+    if ctx.threads and ctx.threads > 0:
+        return ctx.threads
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def _list_images(folder: Path) -> tuple[list[Path], list[str]]:

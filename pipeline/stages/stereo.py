@@ -561,6 +561,47 @@ def _load_image(path: Path, view: View) -> np.ndarray:
     return img
 
 
+class _ImageCache:
+    """Each view's image decoded and resized once, and its texture mask computed once;
+    an image is dropped after the last pair that uses it, a mask once it is used."""
+
+    def __init__(self, folder: Path, views: list[View], pairs: list[tuple[int, int]]) -> None:
+        self.folder = folder
+        self.views = views
+        self._uses = {v.index: 0 for v in views}
+        for i, j in pairs:
+            self._uses[i] += 1
+            self._uses[j] += 1
+        self._lock = threading.Lock()
+        self._view_locks = {v.index: threading.Lock() for v in views}
+        self._images: dict[int, np.ndarray] = {}
+        self._textures: dict[int, np.ndarray] = {}
+
+    def image(self, i: int) -> np.ndarray:
+        with self._view_locks[i]:
+            img = self._images.get(i)
+            if img is None:
+                view = self.views[i]
+                img = _load_image(self.folder / view.name, view)
+                self._images[i] = img
+                self._textures[i] = texture_mask(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
+            return img
+
+    def release(self, i: int) -> None:
+        with self._lock:
+            self._uses[i] -= 1
+            if self._uses[i] <= 0:
+                self._images.pop(i, None)
+
+    def texture(self, i: int) -> np.ndarray:
+        mask = self._textures.pop(i, None)  # used once, by the view's depth map
+        if mask is None:
+            view = self.views[i]
+            gray = cv2.cvtColor(_load_image(self.folder / view.name, view), cv2.COLOR_BGR2GRAY)
+            mask = texture_mask(gray)
+        return mask
+
+
 def _to_colmap(depth: np.ndarray) -> np.ndarray:
     out: np.ndarray = np.where(np.isfinite(depth), depth, 0.0).astype(np.float32)
     return out
@@ -627,12 +668,15 @@ def run_cpu(ctx: StageContext, out: Path, max_size: int) -> dict[str, Any]:
     cv2.setNumThreads(1 if workers > 1 else 0)
     n, n_pairs = len(views), len(pairs)
 
+    images = _ImageCache(images_dir, views, pairs)
+
     def match(k: int) -> None:
         i, j = pairs[k]
-        a, b = views[i], views[j]
-        depths = pair_depths(
-            a, b, _load_image(images_dir / a.name, a), _load_image(images_dir / b.name, b)
-        )
+        try:
+            depths = pair_depths(views[i], views[j], images.image(i), images.image(j))
+        finally:
+            images.release(i)
+            images.release(j)
         if depths is not None:
             np.save(scratch / f"{i}-{j}.{i}.npy", depths[0])
             np.save(scratch / f"{i}-{j}.{j}.npy", depths[1])
@@ -642,8 +686,7 @@ def run_cpu(ctx: StageContext, out: Path, max_size: int) -> dict[str, Any]:
         cands = [np.load(p) for p in sorted(scratch.glob(f"*.{i}.npy"))]
         if cands:
             depth = combine_pairs(cands)
-            gray = cv2.cvtColor(_load_image(images_dir / view.name, view), cv2.COLOR_BGR2GRAY)
-            depth[~texture_mask(gray)] = np.nan
+            depth[~images.texture(i)] = np.nan
         else:
             depth = np.full((view.height, view.width), np.nan, np.float32)
         name = f"{view.name}.photometric.bin"

@@ -1,0 +1,290 @@
+"""BENCHMARKS.md and bench/results/scaling.png from the newest results file of each suite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS
+
+ROOT = RESULTS.parent.parent
+DOC = ROOT / "BENCHMARKS.md"
+PLOT = RESULTS / "scaling.png"
+STAGES = (
+    "ingest", "features", "matching", "mapping", "undistort",
+    "stereo", "fusion", "meshing", "color", "export",
+)  # fmt: skip
+
+
+def latest(suite: str) -> dict[str, Any] | None:
+    files = sorted(RESULTS.glob(f"????-??-??-{suite}.json"))
+    if not files:
+        return None
+    data: dict[str, Any] = json.loads(files[-1].read_text())
+    data["_file"] = files[-1].name
+    return data
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _meta(d: dict[str, Any]) -> str:
+    return (
+        f"_{d['_file']}, {d['date']}, {d['machine']['cpus']} cores, load average "
+        f"(1/5/15 min) before {d.get('load_before')} after {d.get('load_after')}"
+        + (", quick run" if d.get("quick") else "")
+        + "._"
+    )
+
+
+def pipeline_section(d: dict[str, Any]) -> str:
+    runs = d["runs"]
+    head = ["stage"] + [f"{r['quality']} s" for r in runs] + [f"{r['quality']} MB" for r in runs]
+    rows = []
+    for s in STAGES:
+        rows.append(
+            [s]
+            + [r["stages"][s]["seconds"] for r in runs]
+            + [round(r["stages"][s]["peak_rss_mb"]) for r in runs]
+        )
+    rows.append(["**total (stages)**"] + [r["total_s"] for r in runs] + [""] * len(runs))
+    rows.append(
+        ["total with process start-ups"] + [r["total_wall_s"] for r in runs] + [""] * len(runs)
+    )
+    rows.append(["F-score (1 %)"] + [r["fscore"] for r in runs] + [""] * len(runs))
+    r0 = runs[0]
+    return (
+        f"## Per-stage time and peak memory\n\nDemo scene, {r0['images']} images "
+        f"{r0['size'][0]}x{r0['size'][1]}, each stage in its own process (peak RSS = that "
+        f"process's VmHWM, imports included).\n\n{_table(head, rows)}\n\n{_meta(d)}\n"
+    )
+
+
+def sparse_section(d: dict[str, Any]) -> str:
+    steps = ["features", "matching", "mapping"]
+    rows = []
+    for k, r in enumerate(d["runs"]):
+        dm, cm = r["dropmesh"], r["colmap"]
+        for s in steps:
+            rows.append([k + 1, s, dm[s], cm[s], r["ratio"][s]])
+        rows.append([k + 1, "total", sum(dm[s] for s in steps), sum(cm[s] for s in steps),
+                     r["ratio"]["total"]])  # fmt: skip
+    med = d["median_ratio"]
+    last = d["runs"][-1]
+    st = d["settings"]
+    return (
+        f"## Sparse reconstruction against COLMAP's CLI\n\n{d['images']} images "
+        f"{d['size'][0]}x{d['size'][1]}, preset {d['quality']}: max image size "
+        f"{st['max_image_size']}, {st['max_num_features']} features, guided matching "
+        f"{st['guided_matching']}, {st['camera']}, exhaustive pairs, num_threads -1 on both "
+        f"sides; dropmesh's stages each in a fresh process (wall time, imports included), "
+        f"against `{d['colmap_version']}`.\n\n"
+        + _table(["run", "step", "dropmesh s", "COLMAP s", "ratio"], rows)
+        + "\n\n**Median ratio dropmesh/COLMAP**: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in med.items())
+        + f" (targets: <= 1.1 issue 5, <= 1.0 issue 6). Registered: dropmesh "
+        f"{last['dropmesh']['registered']}, COLMAP {last['colmap']['registered']} of "
+        f"{d['images']}; points {last['dropmesh']['points']} vs {last['colmap']['points']}; "
+        f"mean reprojection error {last['dropmesh']['reprojection_error']} vs "
+        f"{last['colmap']['reprojection_error']} px.\n\n"
+        "Matched explicitly: max image size, max features, one shared SIMPLE_RADIAL camera, "
+        "CPU, every core, guided matching, exhaustive pairs, mapper thresholds "
+        "(min_num_matches 8, abs_pose_min_num_inliers 12, abs_pose_min_inlier_ratio 0.15, "
+        "min_model_size 3). Not matchable, left at each version's default: the CPU SIFT "
+        "matcher (COLMAP 3.8 brute force; pycolmap 4.2 an index-based search), "
+        "bundle-adjustment iteration caps (3.8: 25 local / 50 global).\n\n"
+        f"{_meta(d)}\n"
+    )
+
+
+def stereo_section(d: dict[str, Any]) -> str:
+    rows = [
+        [k + 1, r["dropmesh_maps"], r["dropmesh_s"], r["dropmesh_mp_per_s"], r["sgbm_maps"],
+         r["sgbm_s"], r["sgbm_mp_per_s"], r["ratio_mp_per_s"]]
+        for k, r in enumerate(d["runs"])
+    ]  # fmt: skip
+    m = d["median"]
+    w, h = d["depth_map_size"]
+    return (
+        f"## CPU dense stereo\n\n{d['images']} images, preset {d['quality']}, depth maps "
+        f"{w}x{h}. dropmesh: the whole stereo stage (SGBM both ways on 4 pairs per image, "
+        "checks, normals, consistency). Plain: one `StereoSGBM.compute` per pair on the "
+        "same rectified pairs. Throughput in depth-map megapixels per second.\n\n"
+        + _table(
+            ["run", "dropmesh maps", "s", "MP/s", "plain SGBM maps", "s", "MP/s", "ratio"], rows
+        )
+        + f"\n\n**Median**: dropmesh {m['dropmesh_mp_per_s']:.2f} MP/s, plain SGBM "
+        f"{m['sgbm_mp_per_s']:.2f} MP/s, ratio {m['ratio_mp_per_s']:.2f}.\n\n{_meta(d)}\n"
+    )
+
+
+def daemon_section(d: dict[str, Any]) -> str:
+    rows = [
+        [k + 1, r["daemon"]["seconds"], r["script_s"], r["ratio"], r["daemon"]["pickup_s"]]
+        for k, r in enumerate(d["runs"])
+    ]
+    st = d["startup_s"]
+    start_rows = [[k, v] for k, v in st.items()]
+    over = [[k, v] for k, v in d["per_stage_overhead_s"].items()]
+    return (
+        f"## Daemon overhead\n\n{d['images']} images {d['size'][0]}x{d['size'][1]}, preset "
+        f"{d['quality']}: drop into a real daemon's inbox until the GLB is published, "
+        "against `pipeline.run` in a plain script (fresh process, imports included).\n\n"
+        + _table(["run", "daemon s", "script s", "ratio", "pickup s"], rows)
+        + f"\n\n**Median ratio {d['median_ratio']:.3f}** (target <= {d['target_ratio']}).\n\n"
+        "Per stage in the daemon (last run): ledger wall time minus the stage's own time "
+        "(spawn, imports, result hand-back):\n\n"
+        + _table(["stage", "overhead s"], over)
+        + "\n\nA fresh Python starting and importing (median of 3):\n\n"
+        + _table(["import", "s"], start_rows)
+        + f"\n\nSum over the stages' imports: {d['startup_all_stages_s']:.2f} s.\n\n{_meta(d)}\n"
+    )
+
+
+def scaling_section(d: dict[str, Any]) -> str:
+    out = [
+        f"## Scaling\n\nDemo scene {d['size'][0]}x{d['size'][1]} at "
+        f"{', '.join(map(str, d['counts']))} images; seconds per stage (each in its own "
+        "process), peak RSS of the largest stage.\n"
+    ]
+    for q in ("low", "medium"):
+        if q not in d:
+            continue
+        runs = d[q]["runs"]
+        head = ["images", *STAGES, "total s", "peak MB", "F-score"]
+        rows = [
+            [r["images"], *[r["stages"][s]["seconds"] for s in STAGES], r["total_s"],
+             round(r["peak_rss_mb"]), r["fscore"]]
+            for r in runs
+        ]  # fmt: skip
+        g = d[q]["matching_growth"]
+        grow = _table(
+            ["images", "matcher", "pairs", "matching time x", "n log n x", "n^2 x"],
+            [[f"{x['from']}->{x['to']}", x["matcher"], f"{x['pairs'][0]}->{x['pairs'][1]}",
+              x["time_ratio"], x["nlogn_ratio"], x["quadratic_ratio"]] for x in g],
+        )  # fmt: skip
+        out.append(f"### {q}\n\n{_table(head, rows)}\n\nMatching growth:\n\n{grow}\n")
+    if 128 not in d["counts"]:
+        out.append("128 images: not run by default (`python -m bench.scaling --max-images 128`).\n")
+    out.append(f"![per-stage time vs image count](bench/results/{PLOT.name})\n\n{_meta(d)}\n")
+    return "\n".join(out)
+
+
+def compare_section(d: dict[str, Any]) -> str:
+    rows = []
+    for s in [*STAGES, "total"]:
+        b = [r["before"]["stages"].get(s) if s != "total" else r["before"]["total_s"]
+             for r in d["runs"]]  # fmt: skip
+        a = [r["after"]["stages"].get(s) if s != "total" else r["after"]["total_s"]
+             for r in d["runs"]]  # fmt: skip
+        rows.append([s, _median(b), _median(a), d["median_ratio"].get(s)])
+    fb = [r["before"]["fscore"] for r in d["runs"]]
+    fa = [r["after"]["fscore"] for r in d["runs"]]
+    return (
+        f"## Optimisation pass: before/after\n\nPipeline of `{d['baseline']}` against "
+        f"`{d['head']}` (working tree), {d['images']} images {d['size'][0]}x{d['size'][1]}, "
+        f"preset {d['quality']}, alternating, each stage in its own process; medians of "
+        f"{len(d['runs'])} runs.\n\n"
+        + _table(["stage", "before s", "after s", "after/before"], rows)
+        + f"\n\nF-score before {fb}, after {fa}.\n\n{_meta(d)}\n"
+    )
+
+
+def service_section(d: dict[str, Any]) -> str:
+    p, c = d["pickup"]["seconds"], d["cancel"]["seconds"]
+    s = d["status"]
+    rows = [
+        ["request pickup", p["p50"], p["p95"], f"p95 < {d['pickup']['target_p95_s']}"],
+        [f"status, {s['jobs']} jobs", s["status"]["p50"], s["status"]["p95"],
+         f"< {s['target_s']}"],
+        ["status --json", s["status_json_all"]["p50"], s["status_json_all"]["p95"], ""],
+        ["cancel", c["p50"], c["p95"], f"p95 < {d['cancel']['target_p95_s']}"],
+    ]  # fmt: skip
+    return (
+        "## Service latencies\n\n"
+        + _table(["what", "p50 s", "p95 s", "target"], rows)
+        + f"\n\n_{d['_file']}, {d['date']}, {d['machine']['cpus']} cores._\n"
+    )
+
+
+def _median(values: list[Any]) -> float | None:
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return None
+    m = len(v) // 2
+    return float(v[m]) if len(v) % 2 else (v[m - 1] + v[m]) / 2.0
+
+
+def plot(d: dict[str, Any]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    qualities = [q for q in ("low", "medium") if q in d]
+    fig, axes = plt.subplots(1, len(qualities), figsize=(6 * len(qualities), 4.5), squeeze=False)
+    for ax, q in zip(axes[0], qualities, strict=True):
+        runs = d[q]["runs"]
+        n = [r["images"] for r in runs]
+        for s in STAGES:
+            ax.plot(n, [max(r["stages"][s]["seconds"], 1e-3) for r in runs], marker="o", label=s)
+        ax.plot(n, [r["total_s"] for r in runs], "k--", marker="s", label="total")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(n, [str(x) for x in n])
+        ax.set_xlabel("images")
+        ax.set_ylabel("seconds")
+        ax.set_title(f"per-stage time, preset {q}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=100)
+    plt.close(fig)
+    return PLOT
+
+
+def write_report() -> list[Path]:
+    sections = [
+        "# Benchmarks\n\nGenerated by `make bench` (`python -m bench`) from the newest "
+        "`bench/results/<date>-<suite>.json` of each suite; regenerate with "
+        "`python -m bench report`. The machine is shared (2 cores, other work running): "
+        "compare ratios of runs made side by side in one run, not absolute seconds across "
+        "sections; each section states the load it ran under.\n"
+    ]
+    written = []
+    builders = (
+        ("pipeline", pipeline_section),
+        ("compare", compare_section),
+        ("sparse", sparse_section),
+        ("stereo", stereo_section),
+        ("daemon", daemon_section),
+        ("scaling", scaling_section),
+        ("service", service_section),
+    )
+    for suite, build in builders:
+        d = latest(suite)
+        if d is None:
+            sections.append(f"## {suite}\n\nNot run yet: `python -m bench {suite}`.\n")
+            continue
+        try:
+            sections.append(build(d))
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            sections.append(f"## {suite}\n\nResults file {d['_file']} unreadable: {exc!r}\n")
+        if suite == "scaling":
+            p = plot(d)
+            if p is not None:
+                written.append(p)
+    DOC.write_text("\n".join(sections))
+    written.insert(0, DOC)
+    return written

@@ -1,0 +1,70 @@
+"""Per-stage time and peak memory of the whole pipeline on the demo scene, per preset.
+
+Each stage runs in its own fresh Python process (as the daemon runs it), so each stage's
+peak RSS is its own; `seconds` is the stage's own time, `import_s` what its process spent
+importing the stage's module, `wall_s` process start to exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.common import write_results
+from bench.workload import fscore, load, run_pipeline_children, scene, spec_json
+
+SIZE = (1024, 768)
+
+
+def measure(n_images: int, size: tuple[int, int], quality: str, root: Path) -> dict[str, Any]:
+    scene_dir = scene(n_images, size)
+    workspace = root / f"{quality}-{n_images}"
+    shutil.rmtree(workspace, ignore_errors=True)
+    stages = run_pipeline_children(spec_json(scene_dir, quality), workspace)
+    out: dict[str, Any] = {
+        "quality": quality,
+        "images": n_images,
+        "size": list(size),
+        "stages": stages,
+        "total_s": round(sum(s["seconds"] for s in stages.values()), 3),
+        "total_wall_s": round(sum(s["wall_s"] for s in stages.values()), 3),
+        "peak_rss_mb": max(s["peak_rss_mb"] for s in stages.values()),
+        "fscore": fscore(workspace, scene_dir),
+    }
+    shutil.rmtree(workspace, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    n_images = 12 if args.quick else 24
+    qualities = ("low", "medium") if args.quick else ("low", "medium", "high")
+    runs = []
+    before = load()
+    with tempfile.TemporaryDirectory(prefix="dropmesh-bench-") as tmp:
+        for quality in qualities:
+            r = measure(n_images, SIZE, quality, Path(tmp))
+            runs.append(r)
+            print(
+                f"pipeline {quality:6s} {n_images} images {SIZE[0]}x{SIZE[1]}: "
+                f"{r['total_s']:.1f} s in stages, {r['total_wall_s']:.1f} s with process "
+                f"start-up, peak {r['peak_rss_mb']:.0f} MB, F-score {r['fscore']}"
+            )
+            for name, s in r["stages"].items():
+                print(
+                    f"  {name:10s} {s['seconds']:7.2f} s  import {s['import_s']:5.2f} s  "
+                    f"peak {s['peak_rss_mb']:6.0f} MB"
+                )
+    results = {"quick": args.quick, "load_before": before, "load_after": load(), "runs": runs}
+    path = write_results("pipeline", results)
+    print(f"written to {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
