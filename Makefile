@@ -19,7 +19,7 @@ run: sysdeps venv
 
 test: sysdeps venv lint
 	@$(MAKE) --no-print-directory sysdeps APT_PACKAGES="$(TEST_APT_PACKAGES)"
-	$(BIN)/pytest -q; rc=$$?; \
+	DROPMESH_RELIABILITY_REPORT=$(CURDIR)/RELIABILITY.md $(BIN)/pytest -q --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; \
 	exit $$rc
 

@@ -121,7 +121,11 @@ class Daemon:
         if self.cfg.ledger_url or self.cfg.db_path.exists():
             return
         try:
-            jobs = [p for p in self.cfg.workspaces.iterdir() if p.is_dir()]
+            jobs = [
+                p
+                for p in self.cfg.workspaces.iterdir()
+                if p.is_dir() and ((p / "job.log").exists() or any(p.glob("request.*")))
+            ]
         except OSError:
             return
         if jobs:

@@ -9,7 +9,8 @@ Observation points for crash tests: `"pause_after_publish": S` writes
 `<workspace>/.<stage>.published` once the stage's output is published and then waits S
 seconds before returning its result; `"pause_mid_publish": S` (export) writes
 `<workspace>/.export.midpublish` after the first format is published and waits S seconds
-before publishing the next. `"real": true` runs the real stage instead.
+before publishing the next. `"real": true` runs the real stage instead, as does every
+stage named in the environment variable DROPMESH_TEST_REAL_STAGES (comma-separated).
 
 Each stage holds an exclusive lock on the job's workspace while it runs; a stage that
 finds it taken (two stages of one job running at once, e.g. by two daemons) writes
@@ -72,13 +73,14 @@ def run_stage(stage: str, ctx: StageContext) -> StageResult:
 
 def _run_stage(stage: str, ctx: StageContext) -> StageResult:
     beh = _behaviour(ctx, stage)
-    if beh.get("real"):
+    if beh.get("real") or stage in os.environ.get("DROPMESH_TEST_REAL_STAGES", "").split(","):
         from pipeline.stages import run_stage as real_run_stage
 
         return real_run_stage(stage, ctx)
     out = ctx.workspace / stage
     counter = ctx.workspace / f".{stage}.attempts"
-    tries = int(counter.read_text()) + 1 if counter.exists() else 1
+    # (empty when an earlier attempt was killed while writing it)
+    tries = int(counter.read_text() or 0) + 1 if counter.exists() else 1
     counter.write_text(str(tries))
     started = time.time()
     with open(ctx.workspace / "stage_runs.log", "a") as f:

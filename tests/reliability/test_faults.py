@@ -160,10 +160,16 @@ def test_images_deleted_or_unreadable(home: Home) -> None:
     gone = _photos(home.root / "photos" / "gone")
     _photos(home.root / "photos" / "bad", corrupt=True)
     late = _photos(home.root / "photos" / "late")
-    (late / "fake.json").write_text('{"ingest": {"real": true}, "features": {"sleep": 2}}')
-    home.start(**FAULT_ENV)
+    (late / "fake.json").write_text('{"features": {"sleep": 2}}')
+    # One job at a time, and a slow job first, so that "gone" waits in the queue while its
+    # folder is deleted.
+    first = _photos(home.root / "photos" / "first")
+    (first / "fake.json").write_text('{"features": {"sleep": 5}}')
+    home.start(DROPMESH_MAX_JOBS="1", DROPMESH_TEST_REAL_STAGES="ingest")
+    home.drop("first")
+    wait_for(lambda: (home.job("first") or {}).get("state") == "running")
     home.drop("gone")
-    wait_for(lambda: home.job("gone"))
+    wait_for(lambda: (home.job("gone") or {}).get("state") == "queued")
     shutil.rmtree(gone)
     job = home.wait_state("gone", "failed", timeout=180)
     assert job["attempts"] == 1 and "does not exist" in job["error"], job
