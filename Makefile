@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 APT_PACKAGES := libusb-1.0-0 libgl1 libegl1 libx11-6 libudev1 libgomp1 dbus dbus-daemon libnotify-bin
 # Only for `make bench`: COLMAP's own command line, the baseline the benchmarks compare to.
 BENCH_APT_PACKAGES := colmap
+# `make bench BENCH_ARGS="sparse --quick"`: some suites, smaller runs (see README).
+BENCH_ARGS ?=
 
 .PHONY: run test lint bench demo sysdeps venv clean
 
@@ -25,7 +27,7 @@ lint: venv
 
 bench: sysdeps venv
 	@$(MAKE) --no-print-directory sysdeps APT_PACKAGES="$(BENCH_APT_PACKAGES)"
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 demo: venv
 	$(BIN)/dropmesh demo
