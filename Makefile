@@ -10,6 +10,8 @@ APT_PACKAGES := libusb-1.0-0 libgl1 libegl1 libx11-6 libudev1 libgomp1 dbus dbus
 TEST_APT_PACKAGES := postgresql
 # Only for `make bench`: COLMAP's own command line, the baseline the benchmarks compare to.
 BENCH_APT_PACKAGES := colmap
+# `make bench BENCH_ARGS="sparse --quick"`: some suites, smaller runs (see README).
+BENCH_ARGS ?=
 
 .PHONY: run test lint bench demo sysdeps venv clean reliability
 
@@ -34,7 +36,7 @@ reliability: sysdeps venv
 
 bench: sysdeps venv
 	@$(MAKE) --no-print-directory sysdeps APT_PACKAGES="$(BENCH_APT_PACKAGES) $(TEST_APT_PACKAGES)"
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 demo: venv
 	$(BIN)/dropmesh demo

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "quick": args.quick,
         "baseline": args.baseline,
         "head": _head(),
+        "changed_files": _changed(args.baseline),
         "quality": args.quality,
         "images": n_images,
         "size": list(SIZE),
@@ -95,6 +96,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("median after/before: " + ", ".join(f"{k} {v:.2f}" for k, v in median.items()))
     print(f"written to {path}")
     return results
+
+
+def _changed(ref: str) -> list[str]:
+    """Files under pipeline/ that differ between `ref` and the working tree."""
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), "diff", "--name-only", ref, "--", "pipeline"],
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.split()
 
 
 def _head() -> str:

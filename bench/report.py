@@ -195,7 +195,14 @@ def compare_section(d: dict[str, Any]) -> str:
         f"preset {d['quality']}, alternating, each stage in its own process; medians of "
         f"{len(d['runs'])} runs.\n\n"
         + _table(["stage", "before s", "after s", "after/before"], rows)
-        + f"\n\nF-score before {fb}, after {fa}.\n\n{_meta(d)}\n"
+        + f"\n\nF-score before {fb}, after {fa}.\n\n"
+        + (
+            f"Files changed: {', '.join(d['changed_files'])}. The ratios of stages whose "
+            "code did not change show how much this run's load moved the numbers.\n\n"
+            if d.get("changed_files")
+            else ""
+        )
+        + f"{_meta(d)}\n"
     )
 
 

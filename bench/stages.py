@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
-    n_images = 12 if args.quick else 24
+    n_images = 8 if args.quick else 16
     qualities = ("low", "medium") if args.quick else ("low", "medium", "high")
     runs = []
     before = load()
