@@ -31,7 +31,7 @@ from PIL import Image
 from pipeline.context import FORMATS, Export, StageContext, StageResult
 from pipeline.errors import PermanentError
 from pipeline.stages import STAGES
-from pipeline.stages._dense import (
+from pipeline.stages._workspace import (
     Timer,
     building,
     publish_bytes,

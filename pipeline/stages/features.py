@@ -24,15 +24,17 @@ from pipeline.context import StageContext, StageResult
 from pipeline.stages._sparse import (
     FEATURES_DB,
     INGEST_IMAGES,
-    Timer,
-    building,
     call_cancellable,
     device,
-    finished,
     num_threads,
     read_image_list,
-    record,
     require,
+)
+from pipeline.stages._workspace import (
+    Timer,
+    building,
+    finished,
+    record,
     stage_preset,
 )
 

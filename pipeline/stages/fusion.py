@@ -16,7 +16,7 @@ import pycolmap
 
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import Cancelled, PermanentError, TransientError
-from pipeline.stages._dense import (
+from pipeline.stages._workspace import (
     Timer,
     building,
     finished,

@@ -30,7 +30,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import PermanentError
-from pipeline.stages._sparse import Timer, building, finished, record, stage_preset, write_json
+from pipeline.stages._workspace import (
+    Timer,
+    building,
+    finished,
+    record,
+    stage_preset,
+    write_json,
+)
 
 NAME = "ingest"
 MIN_IMAGES = 3

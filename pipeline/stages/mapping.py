@@ -24,14 +24,16 @@ from pipeline.errors import PermanentError
 from pipeline.stages._sparse import (
     INGEST_IMAGES,
     MATCHING_DB,
-    Timer,
-    building,
     call_cancellable,
     device,
-    finished,
     num_threads,
-    record,
     require,
+)
+from pipeline.stages._workspace import (
+    Timer,
+    building,
+    finished,
+    record,
     stage_preset,
 )
 

@@ -31,14 +31,16 @@ from pipeline.context import StageContext, StageResult
 from pipeline.errors import PermanentError
 from pipeline.stages._sparse import (
     FEATURES_DB,
-    Timer,
-    building,
     call_cancellable,
     device,
-    finished,
     num_threads,
-    record,
     require,
+)
+from pipeline.stages._workspace import (
+    Timer,
+    building,
+    finished,
+    record,
     stage_preset,
 )
 

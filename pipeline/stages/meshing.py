@@ -22,7 +22,7 @@ from scipy.spatial import cKDTree
 
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import PermanentError
-from pipeline.stages._dense import (
+from pipeline.stages._workspace import (
     Timer,
     building,
     finished,

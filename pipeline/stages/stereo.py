@@ -37,7 +37,7 @@ from scipy import sparse
 from pipeline.context import StageContext, StageResult
 from pipeline.devices import cuda_device_count
 from pipeline.errors import Cancelled, PermanentError, TransientError
-from pipeline.stages._dense import (
+from pipeline.stages._workspace import (
     Timer,
     building,
     finished,

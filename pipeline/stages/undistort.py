@@ -18,13 +18,15 @@ from pipeline.context import StageContext, StageResult
 from pipeline.stages._sparse import (
     INGEST_IMAGES,
     MAPPING_MODEL,
+    call_cancellable,
+    num_threads,
+    require,
+)
+from pipeline.stages._workspace import (
     Timer,
     building,
-    call_cancellable,
     finished,
-    num_threads,
     record,
-    require,
     stage_preset,
 )
 

@@ -25,7 +25,7 @@ from pipeline import (
 from pipeline.devices import cuda_device_count
 from pipeline.evaluate import evaluate, umeyama
 from pipeline.stages import stereo
-from pipeline.stages._dense import read_metrics
+from pipeline.stages._workspace import read_metrics
 
 Sparse = tuple[Path, dict[str, StageResult]]
 MakeContext = Callable[..., StageContext]

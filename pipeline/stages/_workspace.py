@@ -1,9 +1,11 @@
-"""Helpers shared by the dense stages (stereo, fusion, meshing, color, export).
+"""How every stage uses its workspace.
 
-Every stage builds its output in a temporary sibling folder and publishes it with one
-rename, so a crash leaves either the previous state or the finished folder, never a
-half-written one. A finished stage folder holds `metrics.json`, written last; a stage
-whose folder has it returns the recorded result instead of running again.
+A stage builds its output in a temporary sibling folder `<workspace>/.<name>.tmp-*` and
+publishes it with one rename to `<workspace>/<name>`, so a crash leaves either the previous
+state or the finished folder, never a half-written one. A finished stage folder holds
+`metrics.json`, written last; a stage whose folder has it returns the recorded result
+instead of running again. Single files (exports) are published by `publish_bytes` /
+`publish_file`: temporary file in the same folder, fsync, rename.
 """
 
 from __future__ import annotations
