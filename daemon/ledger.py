@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, and_, delete, func, or_, select, update
-from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
+from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.orm import Session
 
 from daemon import db
@@ -926,12 +926,6 @@ class Ledger:
                 .values(notified_at=now)
             )
 
-    def delete_job(self, job_id: str) -> None:
-        with self.write() as s:
-            for model in (Stage, ExportFile, Notification):
-                s.execute(delete(model).where(model.job_id == job_id))
-            s.execute(delete(Job).where(Job.id == job_id))
-
 
 def new_job_id() -> str:
     return uuid.uuid4().hex[:8]
@@ -970,7 +964,6 @@ __all__ = [
     "Fenced",
     "Ledger",
     "NotFound",
-    "OperationalError",
     "RequestTaken",
     "new_job_id",
     "request_key",

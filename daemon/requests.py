@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline import FORMATS, METHODS, QUALITIES, JobSpec
+from pipeline import FORMATS, JobSpec
 from pipeline.presets import OPTION_CHOICES, OPTION_KEYS
 
 PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -232,6 +232,3 @@ def render_toml(values: dict[str, Any]) -> str:
             lines.append(f"\n[{key}]")
             lines.extend(f"{k} = {json.dumps(v)}" for k, v in value.items())
     return "\n".join(lines) + "\n"
-
-
-__all__ = ["QUALITIES", "METHODS", "FORMATS"]

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_connections
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,6 @@ from daemon import requests
 from daemon.config import Config
 from daemon.db import LedgerError
 from daemon.ledger import ExportRecord, Fenced, Ledger, RequestTaken, new_job_id, request_key
-from daemon.models import Job
 from daemon.states import JobState, StageState
 from daemon.worker import Outcome, StageProcess, StageTask, classify, kill_tree
 from pipeline import STAGES
@@ -58,7 +57,6 @@ class Running:
     progress_written_at: float = 0.0
     holds_gpu: bool = False
     cancelling: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Daemon:
@@ -790,7 +788,3 @@ def remove_stage_outputs(workspace: Path, stage: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
         elif p.exists() or p.is_symlink():
             p.unlink(missing_ok=True)
-
-
-def job_row_summary(job: Job) -> str:
-    return f"{job.id} {job.project} {job.state}"
