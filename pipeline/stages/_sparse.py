@@ -29,6 +29,9 @@ FEATURES_DB = ("features", "database.db")  # cameras, images, keypoints, descrip
 MATCHING_DB = ("matching", "database.db")  # the same plus matches and verified geometry
 MAPPING_MODEL = ("mapping", "sparse", "0")  # the largest model, COLMAP binary
 UNDISTORT_DIR = ("undistort",)  # COLMAP dense workspace: images/ sparse/ stereo/
+# Seed for every RANSAC and mapper run: the same photos give the same model on every run,
+# so a retry or a re-run does not trade one reconstruction for another.
+RANDOM_SEED = 0
 
 
 def num_threads(ctx: StageContext) -> int:

@@ -8,8 +8,11 @@ Reads `matching/database.db` and `ingest/images/`. Publishes `<workspace>/mappin
 
 Incremental mapping by default, global (GLOMAP) when the preset's mapper is "global".
 Incremental mapping uses relaxed absolute-pose thresholds, which register every image
-of object rings where COLMAP's defaults leave some out. Fewer than 3 registered images,
-or fewer than half of them, is a PermanentError that says what the user can do.
+of object rings where COLMAP's defaults leave some out. When some photos stay out,
+mapping runs once more with the lens distortion held at zero (short camera paths cannot
+tell distortion from focal length) and keeps the model that places more photos. Fewer
+than 3 registered images, or fewer than half of them, is a PermanentError that says what
+the user can do.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pipeline.errors import PermanentError
 from pipeline.stages._sparse import (
     INGEST_IMAGES,
     MATCHING_DB,
+    RANDOM_SEED,
     call_cancellable,
     device,
     num_threads,
@@ -47,8 +51,11 @@ HINT = (
 )
 
 
-def incremental_options(ctx: StageContext) -> pycolmap.IncrementalPipelineOptions:
+def incremental_options(
+    ctx: StageContext, *, refine_distortion: bool = True
+) -> pycolmap.IncrementalPipelineOptions:
     options = pycolmap.IncrementalPipelineOptions()
+    options.ba_refine_extra_params = refine_distortion
     options.num_threads = num_threads(ctx)
     options.min_num_matches = 8
     options.mapper.abs_pose_min_num_inliers = 12
@@ -56,6 +63,7 @@ def incremental_options(ctx: StageContext) -> pycolmap.IncrementalPipelineOption
     options.mapper.num_threads = num_threads(ctx)
     options.min_model_size = 3
     options.extract_colors = True
+    options.random_seed = RANDOM_SEED
     return options
 
 
@@ -77,12 +85,32 @@ def run(ctx: StageContext) -> StageResult:
     with building(ctx, NAME) as tmp:
         models_dir = tmp / "models"
         models_dir.mkdir()
+        distortion = "refined"
         if settings.mapper == "global":
             models = _global(ctx, db_path, image_dir, models_dir, total)
         else:
             models = _incremental(ctx, db_path, image_dir, models_dir, total)
         best = max(models.values(), key=lambda r: r.num_reg_images(), default=None)
         registered = best.num_reg_images() if best is not None else 0
+        if settings.mapper != "global" and registered < total:
+            # Short or nearly straight camera paths leave lens distortion unobservable:
+            # refining it lets it drift until COLMAP rejects the camera as bogus and
+            # stops registering images. Hold it at zero and keep whichever model places
+            # more photos.
+            retry_dir = tmp / "models-fixed-distortion"
+            retry_dir.mkdir()
+            fixed = _incremental(ctx, db_path, image_dir, retry_dir, total, refine_distortion=False)
+            fixed_best = max(fixed.values(), key=lambda r: r.num_reg_images(), default=None)
+            if fixed_best is not None and fixed_best.num_reg_images() > registered:
+                ctx.log.info(
+                    "mapping: %d of %d images placed with lens distortion held at zero "
+                    "(%d with it refined)",
+                    fixed_best.num_reg_images(),
+                    total,
+                    registered,
+                )
+                models, best, distortion = fixed, fixed_best, "fixed"
+                registered = fixed_best.num_reg_images()
         if registered < MIN_REGISTERED or registered < MIN_REGISTERED_FRACTION * total:
             raise PermanentError(
                 f"only {registered} of {total} images could be placed in one model",
@@ -94,7 +122,8 @@ def run(ctx: StageContext) -> StageResult:
         sparse.mkdir(parents=True)
         best.write(sparse)
         best.export_PLY(tmp / "points.ply")
-        shutil.rmtree(models_dir)
+        for scratch in tmp.glob("models*"):
+            shutil.rmtree(scratch)
 
         registered_names = {image.name for image in best.images.values() if image.has_pose}
         db = pycolmap.Database.open(db_path)
@@ -110,6 +139,7 @@ def run(ctx: StageContext) -> StageResult:
         result = StageResult(
             metrics={
                 "mapper": settings.mapper,
+                "distortion": distortion,
                 "registered": registered,
                 "total": total,
                 "unregistered": missing[:50],
@@ -130,9 +160,15 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def _incremental(
-    ctx: StageContext, db_path: Path, image_dir: Path, out: Path, total: int
+    ctx: StageContext,
+    db_path: Path,
+    image_dir: Path,
+    out: Path,
+    total: int,
+    *,
+    refine_distortion: bool = True,
 ) -> dict[int, pycolmap.Reconstruction]:
-    options = incremental_options(ctx)
+    options = incremental_options(ctx, refine_distortion=refine_distortion)
     count = {"registered": 0, "reported": -1}
 
     def on_image() -> None:  # called by the mapper after each registered image
@@ -165,6 +201,7 @@ def _global(
     ctx: StageContext, db_path: Path, image_dir: Path, out: Path, total: int
 ) -> dict[int, pycolmap.Reconstruction]:
     options = pycolmap.GlobalPipelineOptions()
+    options.random_seed = RANDOM_SEED
     options.mapper.num_threads = num_threads(ctx)
     _, dev_name = device(ctx)
     if dev_name == "cpu":  # no CUDA: ask for the CPU solvers instead of falling back

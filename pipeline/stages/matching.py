@@ -31,6 +31,7 @@ from pipeline.context import StageContext, StageResult
 from pipeline.errors import PermanentError
 from pipeline.stages._sparse import (
     FEATURES_DB,
+    RANDOM_SEED,
     call_cancellable,
     device,
     num_threads,
@@ -109,6 +110,7 @@ def run(ctx: StageContext) -> StageResult:
         matching.num_threads = num_threads(ctx)
         matching.guided_matching = settings.guided_matching == "on"
         verification = pycolmap.TwoViewGeometryOptions()
+        verification.ransac.random_seed = RANDOM_SEED
 
         block_file = tmp / "block.txt"
         matched = 0

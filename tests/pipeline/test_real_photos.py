@@ -1,0 +1,174 @@
+"""The whole pipeline on real photos: ViSP's "castel" sequence, a painted model castle on a
+cluttered desk filmed by a hand-held Intel RealSense (Debian's `visp-images-data`, GPL-2,
+installed by `make test`).
+
+The sequence has what the rendered demo scene lacks: sensor noise, blur, lighting that
+changes with the view, no EXIF, and a short, curved camera path. It also has ground
+truth of its own: the colour camera's calibrated focal length, and a depth-sensor frame
+registered to every photo. The reconstruction lives in an arbitrary scale, so depths are
+compared after one scale factor (the median ratio over all the views).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open3d as o3d
+import pycolmap
+import pytest
+import trimesh
+from PIL import Image
+
+from pipeline import STAGES, JobSpec, StageContext, StageResult, run_stage
+from pipeline.stages.stereo import read_colmap_array
+
+CASTEL = Path("/usr/share/visp-images-data/ViSP-images/mbt-depth/castel")
+STEP = 2  # every second frame of the 30: 15 photos, a wider baseline between neighbours
+
+# From the sequence's chateau.xml and chateau_depth.xml (pixels) and depth_M_color.txt.
+COLOUR_K = np.array(
+    [[615.1674804688, 0, 312.1889953613], [0, 615.1675415039, 243.4373779297], [0, 0, 1]]
+)
+DEPTH_K = np.array(
+    [[476.0536193848, 0, 311.4845581055], [0, 476.0534973145, 246.2832336426], [0, 0, 1]]
+)
+DEPTH_UNIT_M = 0.000124986647  # the sensor's raw depth unit
+
+# Measured on this sequence at quality "low" (focal 574 px, depth maps 4.6 % and mesh
+# 6.7 % median relative error); the bounds leave room for run-to-run variation.
+MAX_FOCAL_ERROR = 0.10
+MAX_REPROJECTION_PX = 1.5
+MAX_DEPTH_MAP_ERROR = 0.07
+MAX_MESH_ERROR = 0.10
+
+
+@pytest.fixture(scope="module")
+def castel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, StageResult]]:
+    """The photos as JPEGs (as a user would drop them) and a workspace where every stage
+    has run on them at quality "low"."""
+    if not (CASTEL / "castel").is_dir():
+        reason = f"{CASTEL} is missing: install Debian's visp-images-data (make test does)"
+        if os.environ.get("DROPMESH_REQUIRE_REAL_PHOTOS"):
+            pytest.fail(f"DROPMESH_REQUIRE_REAL_PHOTOS is set, but {reason}")
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("castel")
+    images = root / "photos"
+    images.mkdir()
+    for pgm in sorted((CASTEL / "castel").glob("image_*.pgm"))[::STEP]:
+        Image.open(pgm).save(images / f"{pgm.stem}.jpg", quality=95)
+    workspace = root / "workspace"
+    spec = JobSpec(project="castel", images=images, quality="low", job_id="real")
+    results = {}
+    for name in STAGES:
+        ctx = StageContext(spec=spec, workspace=workspace, results_dir=root / "results")
+        results[name] = run_stage(name, ctx)
+    return workspace, results
+
+
+def frame_of(image_name: str) -> int:
+    return int(image_name.split("_")[1].split(".")[0])
+
+
+def sensor_depth(frame: int) -> np.ndarray:
+    """The depth sensor's frame, in metres, seen from the colour camera (0 = no depth)."""
+    raw = np.fromfile(CASTEL / "castel" / f"depth_image_{frame:04d}.bin", dtype=np.uint8)
+    h, w = (int(x) for x in np.frombuffer(raw[:8].tobytes(), dtype=np.uint32))
+    z = np.frombuffer(raw[8:].tobytes(), dtype=np.uint16).reshape(h, w) * DEPTH_UNIT_M
+    rows, cols = np.nonzero(z > 0)
+    pixels = np.stack([cols, rows, np.ones_like(cols)]).astype(np.float64)
+    in_depth = np.linalg.solve(DEPTH_K, pixels) * z[rows, cols]
+    colour_from_depth = np.linalg.inv(np.loadtxt(CASTEL / "depth_M_color.txt"))
+    in_colour = colour_from_depth[:3, :3] @ in_depth + colour_from_depth[:3, 3:]
+    uvw = COLOUR_K @ in_colour
+    u = np.rint(uvw[0] / uvw[2]).astype(np.int64)
+    v = np.rint(uvw[1] / uvw[2]).astype(np.int64)
+    ok = (in_colour[2] > 0) & (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    out = np.full((h, w), np.inf)
+    np.minimum.at(out, (v[ok], u[ok]), in_colour[2][ok])  # nearest surface per pixel
+    out[np.isinf(out)] = 0.0
+    return out
+
+
+def relative_errors(ratios: list[np.ndarray]) -> np.ndarray:
+    """|depth / truth - 1| after the one scale that best maps the reconstruction onto the
+    sensor (the median ratio)."""
+    r = np.concatenate(ratios)
+    scale = np.median(r)
+    out: np.ndarray = np.abs(r / scale - 1.0)
+    return out
+
+
+def test_every_photo_is_placed_with_the_calibrated_focal_length(
+    castel: tuple[Path, dict[str, StageResult]],
+) -> None:
+    _, results = castel
+    mapping = results["mapping"].metrics
+    assert results["ingest"].metrics["with_exif_focal"] == 0
+    assert mapping["registered"] == mapping["total"] == 15
+    assert mapping["mean_reprojection_error"] < MAX_REPROJECTION_PX
+    focal = mapping["cameras"][0]["params"][0]
+    assert abs(focal / COLOUR_K[0, 0] - 1.0) < MAX_FOCAL_ERROR, focal
+
+
+def test_depth_maps_agree_with_the_depth_sensor(
+    castel: tuple[Path, dict[str, StageResult]],
+) -> None:
+    workspace, _ = castel
+    maps = sorted((workspace / "stereo" / "stereo" / "depth_maps").glob("*.geometric.bin"))
+    assert len(maps) == 15
+    ratios = []
+    for path in maps:
+        depth = read_colmap_array(path)
+        truth = sensor_depth(frame_of(path.name))
+        truth = np.asarray(
+            Image.fromarray(truth.astype(np.float32)).resize(depth.shape[::-1], Image.NEAREST)
+        )
+        ok = (depth > 0) & (truth > 0)
+        assert ok.mean() > 0.1, path.name  # a depth for a good part of every view
+        ratios.append(truth[ok] / depth[ok])
+    error = relative_errors(ratios)
+    assert np.median(error) < MAX_DEPTH_MAP_ERROR, np.median(error)
+
+
+def test_mesh_agrees_with_the_depth_sensor(
+    castel: tuple[Path, dict[str, StageResult]],
+) -> None:
+    """The coloured mesh, seen from every photo's camera (rays through each pixel, with the
+    recovered lens), against the sensor's depth at that pixel."""
+    workspace, _ = castel
+    model = pycolmap.Reconstruction(str(workspace / "mapping" / "sparse" / "0"))
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3d.t.io.read_triangle_mesh(str(workspace / "color" / "mesh.ply")))
+    rows, cols = np.mgrid[0:480, 0:640]
+    pixels = np.stack([cols.ravel() + 0.5, rows.ravel() + 0.5], axis=1).astype(np.float64)
+    ratios = []
+    for image in model.images.values():
+        camera = model.cameras[image.camera_id]
+        rays_cam = np.concatenate([camera.cam_from_img(pixels), np.ones((len(pixels), 1))], 1)
+        pose = image.cam_from_world().matrix()
+        rotation, translation = pose[:, :3], pose[:, 3]
+        directions = rays_cam @ rotation  # unnormalised: the hit distance is the depth
+        origins = np.broadcast_to(-rotation.T @ translation, directions.shape)
+        rays = o3d.core.Tensor(np.concatenate([origins, directions], 1).astype(np.float32))
+        depth = scene.cast_rays(rays)["t_hit"].numpy().reshape(480, 640)
+        truth = sensor_depth(frame_of(image.name))
+        ok = np.isfinite(depth) & (truth > 0)
+        assert ok.mean() > 0.1, image.name
+        ratios.append(truth[ok] / depth[ok])
+    error = relative_errors(ratios)
+    assert np.median(error) < MAX_MESH_ERROR, np.median(error)
+
+
+def test_glb_from_real_photos_loads_with_colours(
+    castel: tuple[Path, dict[str, StageResult]],
+) -> None:
+    _, results = castel
+    glb = next(e.path for e in results["export"].exports if e.format == "glb")
+    mesh: Any = trimesh.load(glb, force="mesh")
+    assert len(mesh.faces) > 10_000
+    colours = np.asarray(mesh.visual.vertex_colors)
+    assert colours.shape == (len(mesh.vertices), 4)
+    assert colours[:, :3].std() > 10  # the photos' shading, not one flat colour
