@@ -21,11 +21,12 @@ SUITES = {
     "stereo": "bench.stereo",
     "daemon": "bench.daemon_overhead",
     "scaling": "bench.scaling",
+    "memory": "bench.memory",
     "compare": "bench.compare",
     "service": "bench.service",
 }
 # `python -m bench` with no suite named: all but compare (it needs a baseline commit)
-DEFAULT = ("pipeline", "sparse", "stereo", "daemon", "scaling", "service")
+DEFAULT = ("pipeline", "sparse", "stereo", "daemon", "scaling", "memory", "service")
 QUICK_SERVICE = ["--drops", "30", "--jobs", "2000", "--cancels", "5"]
 
 

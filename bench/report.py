@@ -179,6 +179,20 @@ def scaling_section(d: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def memory_section(d: dict[str, Any]) -> str:
+    r = d["run"]
+    rows = [[s, r["stages"][s]["seconds"], round(r["stages"][s]["peak_rss_mb"])] for s in STAGES]
+    verdict = "within" if d["within_limit"] else "OVER"
+    return (
+        f"## Peak memory at scale\n\nDemo scene, {r['images']} images "
+        f"{r['size'][0]}x{r['size'][1]}, preset {r['quality']}, each stage in its own process "
+        "(peak RSS = that process's VmHWM).\n\n"
+        + _table(["stage", "s", "peak MB"], rows)
+        + f"\n\n**Peak {r['peak_rss_mb']:.0f} MB**, {verdict} the {d['limit_mb']} MB target; "
+        f"{r['total_s']:.0f} s in stages; F-score {r['fscore']}.\n\n{_meta(d)}\n"
+    )
+
+
 def compare_section(d: dict[str, Any]) -> str:
     rows = []
     for s in [*STAGES, "total"]:
@@ -277,6 +291,7 @@ def write_report() -> list[Path]:
         ("stereo", stereo_section),
         ("daemon", daemon_section),
         ("scaling", scaling_section),
+        ("memory", memory_section),
         ("service", service_section),
     )
     for suite, build in builders:
