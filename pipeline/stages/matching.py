@@ -11,9 +11,15 @@ Pair selection (preset `matcher`):
 - `exhaustive`: every pair; `auto` picks it up to EXHAUSTIVE_MAX images.
 - `sequential`: images in name order, each with its OVERLAP next neighbours plus
   neighbours at 2^k, and the order taken as a loop (photos walked around an object close
-  the ring); `auto` picks it above EXHAUSTIVE_MAX images.
-- `vocabtree` and `spatial` are not available offline (no vocabulary tree, no GPS
-  priors); they fall back to `auto`'s choice and say so in the metrics.
+  the ring).
+- `vocabtree`: image retrieval. A vocabulary tree is built from this project's own SIFT
+  descriptors (no tree is downloaded: there may be no network), every image is indexed,
+  and each is paired with the RETRIEVED images that look most like it. For photo sets in
+  no particular order.
+- `auto` above EXHAUSTIVE_MAX images: sequential and vocabtree pairs together, so photos
+  taken in order and photos in any order both find their neighbours.
+- `spatial` needs GPS priors, which are not read; it falls back to `auto`'s choice and
+  says so in the metrics.
 
 Pairs are matched in blocks so progress is real and a cancel stops within one block.
 Guided matching (preset `guided_matching`, on above quality "low") recovers matches the
@@ -25,6 +31,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pycolmap
 
 from pipeline.context import StageContext, StageResult
@@ -49,14 +56,16 @@ NAME = "matching"
 EXHAUSTIVE_MAX = 60  # images; above this exhaustive matching stops scaling on a CPU
 OVERLAP = 12  # sequential neighbours on each side
 MIN_BLOCK = 48  # pairs per matching call (at least; at most ~20 calls in all)
+RETRIEVED = 20  # images retrieved per image by the vocabulary tree
+TREE_SAMPLES_PER_IMAGE = 500  # descriptors per image the tree is built from
+TREE_SAMPLES_PER_WORD = 50  # k-means needs a few dozen samples per visual word
+TREE_WORDS = (256, 16384)  # visual words, at least and at most
 
 
 def choose_matcher(requested: str, n_images: int) -> str:
-    if requested == "exhaustive":
-        return "exhaustive"
-    if requested == "sequential":
-        return "sequential"
-    return "exhaustive" if n_images <= EXHAUSTIVE_MAX else "sequential"
+    if requested in ("exhaustive", "sequential", "vocabtree"):
+        return requested
+    return "exhaustive" if n_images <= EXHAUSTIVE_MAX else "sequential+vocabtree"
 
 
 def make_pairs(names: list[str], matcher: str) -> list[tuple[str, str]]:
@@ -81,6 +90,56 @@ def make_pairs(names: list[str], matcher: str) -> list[tuple[str, str]]:
     return [(names[i], names[j]) for i, j in sorted(index_pairs)]
 
 
+def build_vocab_tree(db_path: Path, out: Path, threads: int) -> int:
+    """A vocabulary tree from a sample of the database's SIFT descriptors, written to
+    `out`. Returns its number of visual words."""
+    rng = np.random.default_rng(0)
+    db = pycolmap.Database.open(db_path)
+    try:
+        chunks = []
+        for image in db.read_all_images():
+            descriptors = np.asarray(db.read_descriptors(image.image_id).to_float().data)
+            if len(descriptors) > TREE_SAMPLES_PER_IMAGE:
+                pick = rng.choice(len(descriptors), TREE_SAMPLES_PER_IMAGE, replace=False)
+                descriptors = descriptors[np.sort(pick)]
+            chunks.append(descriptors)
+    finally:
+        db.close()
+    samples = np.concatenate(chunks).astype(np.float32)
+    words = int(np.clip(len(samples) // TREE_SAMPLES_PER_WORD, *TREE_WORDS))
+    index = pycolmap.VisualIndex.create(samples.shape[1], 64)
+    options = pycolmap.VisualIndex.BuildOptions()
+    options.num_visual_words = words
+    options.num_iterations = 20
+    options.num_rounds = 1
+    options.num_threads = threads
+    index.build(
+        options, pycolmap.FeatureDescriptorsFloat(pycolmap.FeatureExtractorType.SIFT, samples)
+    )
+    index.write(out)
+    return int(index.num_visual_words())
+
+
+def retrieval_pairs(db_path: Path, tree: Path, threads: int) -> list[tuple[str, str]]:
+    """Each image with the RETRIEVED images most like it (by the tree at `tree`, then
+    re-ranked by how well the positions of their shared visual words agree), each pair
+    once, in a stable order."""
+    options = pycolmap.VocabTreePairingOptions()
+    options.vocab_tree_path = str(tree)
+    # retrieve three times as many, then keep those whose features agree in position too
+    options.num_images = 3 * RETRIEVED + 1  # an image retrieves itself first
+    options.num_images_after_verification = RETRIEVED + 1
+    options.num_threads = threads
+    db = pycolmap.Database.open(db_path)
+    try:
+        names = {image.image_id: image.name for image in db.read_all_images()}
+        found = pycolmap.VocabTreePairGenerator(options, db).all_pairs()
+    finally:
+        db.close()
+    pairs = {tuple(sorted((names[a], names[b]))) for a, b in found if a != b}
+    return sorted((a, b) for a, b in pairs)
+
+
 def run(ctx: StageContext) -> StageResult:
     done = finished(ctx, NAME)
     if done is not None:
@@ -100,10 +159,26 @@ def run(ctx: StageContext) -> StageResult:
             db.close()
         matcher = choose_matcher(settings.matcher, len(names))
         notes = []
-        if settings.matcher in ("vocabtree", "spatial"):
-            notes.append(f"matcher {settings.matcher!r} is not available offline; used {matcher!r}")
+        if settings.matcher == "spatial":
+            notes.append(f"matcher 'spatial' needs GPS priors, which are not read; used {matcher}")
             ctx.log.warning("matching: %s", notes[-1])
-        pairs = make_pairs(names, matcher)
+        pairs = make_pairs(names, matcher) if matcher != "vocabtree" else []
+        tree_words = None
+        if "vocabtree" in matcher:
+            ctx.progress(0.0, "building a vocabulary tree from the photos' features")
+            tree = tmp / "vocab_tree.bin"
+            tree_words = call_cancellable(
+                ctx,
+                lambda _token: build_vocab_tree(db_path, tree, num_threads(ctx)),
+                abandon_on_cancel=True,  # k-means cannot be interrupted
+            )
+            ctx.progress(0.0, f"retrieving the {RETRIEVED} most similar photos of each")
+            retrieved = call_cancellable(
+                ctx,
+                lambda _token: retrieval_pairs(db_path, tree, num_threads(ctx)),
+                abandon_on_cancel=True,
+            )
+            pairs = sorted(set(pairs) | set(retrieved))
         _write_pairs(tmp / "pairs.txt", pairs)
 
         matching = pycolmap.FeatureMatchingOptions()
@@ -157,6 +232,7 @@ def run(ctx: StageContext) -> StageResult:
                 "images": len(names),
                 "pairs": len(pairs),
                 "verified_pairs": verified,
+                "vocab_tree_words": tree_words,
                 "guided_matching": matching.guided_matching,
                 "notes": notes,
                 "seconds": timer.seconds,

@@ -14,7 +14,8 @@ import pycolmap
 import pytest
 from PIL import Image
 
-from pipeline import Cancelled, PermanentError, StageContext, StageResult, run_stage
+from pipeline import Cancelled, JobSpec, PermanentError, StageContext, StageResult, run_stage
+from pipeline.stages import matching
 from pipeline.stages.features import camera_groups
 from pipeline.stages.matching import choose_matcher, make_pairs
 
@@ -185,8 +186,9 @@ def test_cancel_stops_features(
 def test_pair_selection() -> None:
     names = [f"img_{i:03d}.jpg" for i in range(100)]
     assert choose_matcher("auto", 40) == "exhaustive"
-    assert choose_matcher("auto", 100) == "sequential"
-    assert choose_matcher("vocabtree", 100) == "sequential"
+    assert choose_matcher("auto", 100) == "sequential+vocabtree"
+    assert choose_matcher("vocabtree", 100) == "vocabtree"
+    assert choose_matcher("sequential", 10) == "sequential"
     assert len(make_pairs(names[:10], "exhaustive")) == 45
     pairs = make_pairs(names, "sequential")
     assert len(pairs) == len(set(pairs))
@@ -215,3 +217,52 @@ def test_mapping_fails_clearly_when_too_few_images_register(
     assert "of 7 images" in str(info.value)
     assert info.value.hint and "overlap" in info.value.hint
     assert not (workspace / "mapping").exists()
+
+
+def test_vocabulary_tree_finds_the_neighbours_of_photos_in_no_order(
+    demo_scene: Path,
+    ground_truth: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The photos renamed in a random order, so names say nothing of where each was
+    taken: the tree built from their own features must still pair each photo with the
+    ones beside it, and those few pairs must be enough to place every photo."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    sources = sorted((demo_scene / "images").glob("*.jpg"))
+    order = np.random.default_rng(3).permutation(len(sources))
+    truth_of = {}
+    for k, src in zip(order, sources, strict=True):
+        shutil.copy(src, images / f"photo_{k:02d}.jpg")
+        truth_of[f"photo_{k:02d}.jpg"] = np.array(ground_truth["images"][src.name]["centre"])
+    retrieved = 4
+    monkeypatch.setattr(matching, "RETRIEVED", retrieved)
+    spec = JobSpec(
+        project="shuffled", images=images, quality="low", options={"matcher": "vocabtree"}
+    )
+    workspace = tmp_path / "ws"
+    results = {}
+    for name in ("ingest", "features", "matching", "mapping"):
+        ctx = StageContext(spec=spec, workspace=workspace, results_dir=tmp_path / "results")
+        results[name] = run_stage(name, ctx)
+
+    metrics = results["matching"].metrics
+    assert metrics["matcher"] == "vocabtree"
+    assert metrics["vocab_tree_words"] >= 256
+    pairs = [
+        line.split() for line in (workspace / "matching" / "pairs.txt").read_text().splitlines()
+    ]
+    n = len(sources)
+    assert len(pairs) <= n * retrieved < n * (n - 1) // 2
+
+    centre = np.mean(list(truth_of.values()), axis=0)
+
+    def angle(a: str, b: str) -> float:
+        u, v = truth_of[a] - centre, truth_of[b] - centre
+        return float(np.degrees(np.arccos(np.dot(u, v) / np.linalg.norm(u) / np.linalg.norm(v))))
+
+    every_pair = [angle(a, b) for i, a in enumerate(truth_of) for b in list(truth_of)[i + 1 :]]
+    chosen = [angle(a, b) for a, b in pairs]
+    assert np.median(chosen) < 0.6 * np.median(every_pair), (chosen, np.median(every_pair))
+    assert results["mapping"].metrics["registered"] == n
