@@ -1,7 +1,9 @@
 """Daemon overhead: the demo scene dropped into the inbox of a real daemon (real pipeline,
 default timings from config.toml) until its GLB is published, against `pipeline.run` in a
 plain script (a fresh Python process, imports included) on the same images and preset.
-Runs alternate, side by side in one run.
+Runs alternate, side by side in one run. The daemon is measured as it runs: started and
+ready (its stage processes' libraries loaded) before the first request, and each job
+finished before the next request is dropped.
 
 Where the difference goes: per stage, the ledger's wall time (child spawn to result)
 against the stage's own time (`metrics.seconds`), and the cost of starting a spawned
@@ -89,6 +91,15 @@ def _stages(db: Path, project: str) -> list[dict[str, Any]]:
     return out
 
 
+def _job_state(db: Path, project: str) -> str | None:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        row = con.execute("select state from jobs where project = ?", (project,)).fetchone()
+    finally:
+        con.close()
+    return str(row[0]) if row else None
+
+
 def run_daemon(home: Home, images_src: Path, quality: str, project: str) -> dict[str, Any]:
     photos = home.root / "photos" / project
     if not photos.exists():
@@ -98,6 +109,9 @@ def run_daemon(home: Home, images_src: Path, quality: str, project: str) -> dict
     glb = home.results / project
     wait_for(lambda: list(glb.glob("*_textured_mesh_poisson.glb")), 1800, 0.02)
     total = time.time() - t0
+    # The export stage goes on after the GLB (preview, report): let the job finish so
+    # that the next run starts on an idle daemon.
+    wait_for(lambda: _job_state(home.root / "jobs.db", project) == "succeeded", 600, 0.05)
     stages = _stages(home.root / "jobs.db", project)
     con = sqlite3.connect(f"file:{home.root / 'jobs.db'}?mode=ro", uri=True, timeout=5)
     try:
@@ -148,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dropmesh-bench-") as tmp:
         home = Home(Path(tmp) / "home")
         home.start(**DAEMON_ENV)
+        wait_for(lambda: "stage processes ready" in home.log(), 120, 0.05)
         try:
             for rep in range(reps):
                 order = ("daemon", "script") if rep % 2 == 0 else ("script", "daemon")

@@ -10,18 +10,21 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
 from daemon import config as config_mod
 from daemon.db import LedgerError
-from daemon.ledger import Ledger, NotFound
+from daemon.listing import Listing
 from daemon.states import ACTIVE, TERMINAL, JobState, StageState
 from pipeline import FORMATS, QUALITIES, STAGES
+
+if TYPE_CHECKING:
+    # The ORM, loaded by the commands that need it: `status` reads through Listing.
+    from daemon.ledger import Ledger
 
 app = typer.Typer(
     help="dropmesh turns folders of photos into coloured 3D meshes in the background.\n\n"
@@ -73,13 +76,24 @@ def _cfg(home: Path | None) -> config_mod.Config:
 
 
 def _ledger(cfg: config_mod.Config) -> Ledger:
+    from daemon.ledger import Ledger
+
     try:
         return Ledger.open(cfg.url)
     except LedgerError as exc:
         raise _fail(str(exc)) from exc
 
 
+def _listing(cfg: config_mod.Config) -> Listing:
+    try:
+        return Listing.open(cfg.url)
+    except LedgerError as exc:
+        raise _fail(str(exc)) from exc
+
+
 def _resolve(ledger: Ledger, ref: str) -> list[Any]:
+    from daemon.ledger import NotFound
+
     try:
         return ledger.resolve(ref)
     except NotFound as exc:
@@ -331,23 +345,22 @@ def status(
     Examples: dropmesh status · dropmesh status fountain --watch · dropmesh status --json
     """
     cfg = _cfg(home)
-    ledger = _ledger(cfg)
+    # A job named by id or project is resolved by the Ledger; a listing needs only Core.
+    ledger = _ledger(cfg) if job else None
+    listing = ledger if ledger is not None else _listing(cfg)
 
     def snapshot() -> tuple[list[Any], dict[str, list[Any]], dict[str, list[str]]]:
-        if job:
+        if ledger is not None and job:
             jobs = _resolve(ledger, job)
         elif as_json or show_all:
-            jobs = ledger.list_jobs()
+            jobs = listing.list_jobs()
         else:
-            active = ledger.list_jobs(states=[s.value for s in ACTIVE])
-            recent = ledger.list_jobs(states=[s.value for s in TERMINAL], limit=10)
+            active = listing.list_jobs(states=[s.value for s in ACTIVE])
+            recent = listing.list_jobs(states=[s.value for s in TERMINAL], limit=10)
             jobs = active + recent
         ids = [j.id for j in jobs]
-        stages = ledger.stages_for(ids, every=len(ids) > 500)
-        exports: dict[str, list[str]] = {i: [] for i in ids}
-        for e, _project in ledger.exports(job_ids=ids if len(ids) < 500 else None):
-            if e.job_id in exports:
-                exports[e.job_id].append(e.path)
+        stages = listing.stages_for(ids, every=len(ids) > 500)
+        exports = listing.export_paths(ids, every=len(ids) >= 500)
         return jobs, stages, exports
 
     def render() -> Any:
@@ -366,6 +379,8 @@ def status(
     if not watch:
         console.print(render())
         return
+    from rich.live import Live
+
     try:
         with Live(render(), console=console, refresh_per_second=2) as live:
             while True:
@@ -526,6 +541,7 @@ def doctor(home: HomeOpt = None) -> None:
 
     Example: dropmesh doctor --home ~/scans
     """
+    from daemon.ledger import Ledger
     from daemon.notify import Notifier
     from pipeline.devices import cuda_device_count
 

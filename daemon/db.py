@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.exc import DatabaseError, OperationalError, ProgrammingError
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -53,6 +53,48 @@ NETWORK_FS = (
 
 class LedgerError(Exception):
     """The ledger cannot be used; the message says why and what to do."""
+
+
+def open_engine(url: str, *, create: bool = False) -> Engine:
+    """An engine on the ledger at `url`, its schema checked. With create=True (the
+    daemon) a missing ledger is created and an old one migrated; otherwise (the CLI)
+    it must exist already, at the newest schema."""
+    sqlite_path = sqlite_file(url)
+    if sqlite_path is not None and not sqlite_path.exists():
+        if not create:
+            raise LedgerError(
+                f"no ledger at {sqlite_path}: start the daemon there first "
+                "(`dropmesh run`), or pass --home"
+            )
+        sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+    if sqlite_path is not None:
+        check_local_fs(sqlite_path)
+    engine = make_engine(url)
+    try:
+        current = current_revision(engine)
+        if current != SCHEMA_HEAD:
+            if not create:
+                raise LedgerError(
+                    f"the ledger at {url} is at schema {current}, this dropmesh needs "
+                    f"{SCHEMA_HEAD}: start the daemon once to migrate it"
+                )
+            upgrade(engine)
+    except DatabaseError as exc:
+        raise LedgerError(
+            f"the ledger at {sqlite_path or url} cannot be read ({exc.orig}). "
+            "It may be corrupt: stop the daemon, move the file aside, and restore it "
+            "from a backup, or try `sqlite3 jobs.db .recover`; dropmesh will not "
+            "start an empty ledger over it"
+        ) from exc
+    return engine
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of an SQLite URL (None for other databases and :memory:)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split("///", 1)[1] if "///" in url else ""
+    return Path(path) if path and path != ":memory:" else None
 
 
 def make_engine(url: str) -> Engine:

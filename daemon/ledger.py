@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, and_, delete, func, or_, select, update
-from sqlalchemy.exc import DatabaseError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from daemon import db
+from daemon.listing import Listing
 from daemon.models import Event, ExportFile, Job, Notification, Stage, Worker
 from daemon.states import ACTIVE, JobState, StageState, check_transition
 from pipeline import STAGES
@@ -49,9 +50,9 @@ class ExportRecord:
     format: str
 
 
-class Ledger:
+class Ledger(Listing):
     def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+        super().__init__(engine)
         # Several daemons may use this ledger at once (a server database, not a file).
         self.shared = not db.is_sqlite(engine)
 
@@ -61,38 +62,7 @@ class Ledger:
     def open(cls, url: str, *, create: bool = False) -> Ledger:
         """Open the ledger. With create=True (the daemon) a new one is created and
         migrated; otherwise (the CLI) it must exist already."""
-        sqlite_path = _sqlite_path(url)
-        if sqlite_path is not None and not sqlite_path.exists():
-            if not create:
-                raise db.LedgerError(
-                    f"no ledger at {sqlite_path}: start the daemon there first "
-                    "(`dropmesh run`), or pass --home"
-                )
-            sqlite_path.parent.mkdir(parents=True, exist_ok=True)
-        if sqlite_path is not None:
-            db.check_local_fs(sqlite_path)
-        engine = db.make_engine(url)
-        try:
-            head = db.SCHEMA_HEAD
-            current = db.current_revision(engine)
-            if current != head:
-                if not create:
-                    raise db.LedgerError(
-                        f"the ledger at {url} is at schema {current}, this dropmesh needs "
-                        f"{head}: start the daemon once to migrate it"
-                    )
-                db.upgrade(engine)
-        except DatabaseError as exc:
-            raise db.LedgerError(
-                f"the ledger at {sqlite_path or url} cannot be read ({exc.orig}). "
-                "It may be corrupt: stop the daemon, move the file aside, and restore it "
-                "from a backup, or try `sqlite3 jobs.db .recover`; dropmesh will not "
-                "start an empty ledger over it"
-            ) from exc
-        return cls(engine)
-
-    def close(self) -> None:
-        self.engine.dispose()
+        return cls(db.open_engine(url, create=create))
 
     @contextmanager
     def write(self) -> Iterator[Session]:
@@ -228,16 +198,6 @@ class Ledger:
                 raise NotFound(f"{ref!r} matches several jobs ({ids}); give more of the id")
             raise NotFound(f"no job or project {ref!r} (see `dropmesh status`)")
 
-    def list_jobs(self, states: Sequence[str] | None = None, limit: int | None = None) -> list[Any]:
-        """Job rows (read-only, attribute access like Job), newest first."""
-        with self.read() as s:
-            q = select(*Job.__table__.c).order_by(Job.created_at.desc())
-            if states:
-                q = q.where(Job.state.in_(list(states)))
-            if limit:
-                q = q.limit(limit)
-            return list(s.execute(q).all())
-
     def count_by_state(self) -> dict[str, int]:
         with self.read() as s:
             rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
@@ -249,21 +209,6 @@ class Ledger:
             out = list(rows.all())
             s.expunge_all()
             return out
-
-    def stages_for(self, job_ids: Sequence[str], *, every: bool = False) -> dict[str, list[Any]]:
-        """Stage rows (read-only, attribute access like Stage) per job; with every=True
-        all jobs' stages in one scan, for listings of the whole ledger."""
-        out: dict[str, list[Any]] = {j: [] for j in job_ids}
-        if not job_ids:
-            return out
-        q = select(*Stage.__table__.c).order_by(Stage.job_id, Stage.seq)
-        if not every:
-            q = q.where(Stage.job_id.in_(list(job_ids)))
-        with self.read() as s:
-            for row in s.execute(q):
-                if row.job_id in out:
-                    out[row.job_id].append(row)
-        return out
 
     def transition(
         self,
@@ -935,13 +880,6 @@ def _event(
     job_id: str | None, kind: str, message: str, at: float, data: dict[str, Any] | None = None
 ) -> Event:
     return Event(job_id=job_id, at=at, kind=kind, message=message, data=data or {})
-
-
-def _sqlite_path(url: str) -> Path | None:
-    if not url.startswith("sqlite"):
-        return None
-    path = url.split("///", 1)[1] if "///" in url else ""
-    return Path(path) if path and path != ":memory:" else None
 
 
 def _human_duration(seconds: float) -> str:

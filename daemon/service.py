@@ -24,13 +24,24 @@ from daemon.config import Config
 from daemon.db import LedgerError
 from daemon.ledger import ExportRecord, Fenced, Ledger, RequestTaken, new_job_id, request_key
 from daemon.states import JobState, StageState
-from daemon.worker import Outcome, StageProcess, StageTask, classify, kill_tree
+from daemon.worker import (
+    Outcome,
+    StageProcess,
+    StageTask,
+    classify,
+    kill_tree,
+    start_fork_server,
+    wait_fork_server_ready,
+)
 from pipeline import STAGES
 
 log = logging.getLogger("dropmesh")
 
 GPU_STAGES = frozenset({"features", "matching", "stereo"})
 CANCEL_POLL_S = 0.3
+# The longest the main loop sleeps without a wake-up: a new job from the intake, a
+# stage's message or exit, or a stop request wake it at once.
+LOOP_WAIT_S = 0.1
 # Daemons silent for this long are dropped from the workers table.
 FORGET_WORKERS_S = 86400.0
 
@@ -82,6 +93,9 @@ class Daemon:
         self.gpu_busy = False
         self._last_beat_ok = time.monotonic()
         self._gpu_peer: tuple[float, bool] | None = None
+        # Wakes the main loop (a new job, a stop request); open while run() runs.
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -151,6 +165,10 @@ class Daemon:
         from daemon.watcher import InboxWatcher
 
         ledger = self.open()
+        # The fork server imports the pipeline's libraries in the background while the
+        # daemon starts up and waits for work, not when the first stage starts.
+        start_fork_server()
+        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
         self._install_signals()
         self._register(ledger)
         self._recover(ledger)
@@ -173,6 +191,9 @@ class Daemon:
             self.cfg.max_jobs,
             f"{self.gpu_count()} CUDA device(s)" if self.gpu_count() else "none, CPU only",
         )
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         intake = threading.Thread(target=self._intake_loop, args=(watcher,), name="intake")
         intake.start()
         last_beat = 0.0
@@ -195,23 +216,53 @@ class Daemon:
                 if once and not self.running and self.intake_idle.is_set() and self._idle():
                     log.info("queue drained; exiting (--once)")
                     break
-                conns = [r.proc.conn for r in self.running.values() if r.proc is not None]
-                sentinels = [r.proc.proc.sentinel for r in self.running.values() if r.proc]
-                if conns:
-                    wait_connections([*conns, *sentinels], timeout=0.1)
-                else:
-                    self.stop_requested.wait(0.05)
+                waitables: list[Any] = [self._wake_r]
+                for r in self.running.values():
+                    if r.proc is not None:
+                        waitables.extend(r.proc.waitables())
+                if not self.stop_requested.is_set():
+                    wait_connections(waitables, timeout=LOOP_WAIT_S)
+                self._drain_wake()
         finally:
-            self.stop_requested.set()
+            self.stop()
             intake.join(timeout=5)
             self._shutdown()
             watcher.stop()
             if self.cfg.notify:
-                self.stop_requested.set()
                 notify_thread.join(timeout=3)
             with contextlib.suppress(Exception):
                 ledger.unregister_worker(self.worker)
+            wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, None, None
+            wake_r.close()
+            wake_w.close()
         return 0
+
+    def _warm_up(self) -> None:
+        try:
+            took = wait_fork_server_ready()
+        except Exception:
+            log.exception("the stage process server did not start; stages will start it")
+            return
+        log.info("stage processes ready (their libraries loaded in %.1f s)", took)
+
+    def stop(self) -> None:
+        """Ask the daemon to stop (any thread, or a signal handler)."""
+        self.stop_requested.set()
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the main loop now rather than at its next timeout."""
+        w = self._wake_w
+        if w is not None:
+            with contextlib.suppress(OSError):  # full (a wake-up is pending) or closed
+                w.send(b"\0")
+
+    def _drain_wake(self) -> None:
+        r = self._wake_r
+        if r is not None:
+            with contextlib.suppress(OSError):
+                while r.recv(512):
+                    pass
 
     # -- leases ----------------------------------------------------------------------
 
@@ -284,18 +335,22 @@ class Daemon:
                 else:
                     deferred.pop(path, None)
                     watcher.forget(path)
+                    if result == "accepted":
+                        self.wake()
             if now - last_scan >= self.cfg.rescan_s:
                 watcher.scan()
                 last_scan = now
             if not watcher.pending and watcher.events.empty():
-                self.intake_idle.set()
+                if not self.intake_idle.is_set():
+                    self.intake_idle.set()
+                    self.wake()
             else:
                 self.intake_idle.clear()
 
     def _install_signals(self) -> None:
         def _stop(signum: int, _frame: Any) -> None:
             log.info("received %s; stopping (jobs will resume)", signal.Signals(signum).name)
-            self.stop_requested.set()
+            self.stop()
 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _stop)
@@ -584,7 +639,7 @@ class Daemon:
             spec=run.spec,
             workspace=str(ws),
             results_dir=str(self.cfg.results / run.project),
-            device=self.cfg.device,
+            device=self._stage_device(),
             threads=self.cfg.threads,
             log_path=str(ws / "job.log"),
         )
@@ -609,6 +664,13 @@ class Daemon:
         self.ledger.stage_started(run.job_id, stage, run.proc.pid, run.attempt, token=run.token)
         self._job_log(run.job_id, f"stage {stage} started (pid {run.proc.pid})")
         log.info("job %s: stage %s started", run.job_id, stage)
+
+    def _stage_device(self) -> str:
+        """The device for a stage child. `auto` on a daemon that found no CUDA device is
+        `cpu`, so that no stage asks again (a probe in a subprocess, about a second)."""
+        if self.cfg.device == "auto" and self.gpu_count() == 0:
+            return "cpu"
+        return self.cfg.device
 
     def _poll_children(self) -> None:
         assert self.ledger is not None

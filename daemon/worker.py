@@ -18,6 +18,7 @@ import errno
 import importlib
 import logging
 import multiprocessing as mp
+import multiprocessing.forkserver
 import os
 import resource
 import signal
@@ -36,18 +37,56 @@ log = logging.getLogger("dropmesh.worker")
 
 _CHILDREN = mp.get_context("forkserver")
 # Imported once by the fork server. Only libraries that start no threads of their own at
-# import (numpy's OpenBLAS pool is fork-aware) belong here.
+# import belong here; the OpenBLAS pools that numpy, scipy and cv2 each bring are
+# fork-aware.
 PRELOAD = [
     "daemon.worker",
     "pipeline",
     "numpy",
     "scipy.spatial",
     "PIL.Image",
+    "cv2",
     "pycolmap",
     "open3d",
+    "trimesh",
 ]
 _CHILDREN.set_forkserver_preload(PRELOAD)
 PROGRESS_INTERVAL_S = 0.2
+
+
+def start_fork_server() -> None:
+    """Start the fork server now rather than at the first stage, so that it imports the
+    heavy libraries while the daemon waits for work.
+
+    Every child runs the daemon's main module again as `__mp_main__` before its stage
+    (multiprocessing does so for each start method but fork). The server imports that
+    module once too, so a child re-runs only the module's own body, without its imports
+    (the CLI's typer, rich and SQLAlchemy)."""
+    preload = list(PRELOAD)
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None:
+        # `python -m daemon.cli`; a package's __main__ is never re-run in children.
+        if name != "__main__" and not name.endswith(".__main__"):
+            preload.append(name)
+    elif getattr(main, "__file__", None):
+        preload.insert(0, "__main__")  # the `dropmesh` console script
+    _CHILDREN.set_forkserver_preload(preload)
+    multiprocessing.forkserver.ensure_running()
+
+
+def _ready() -> None:
+    pass
+
+
+def wait_fork_server_ready() -> float:
+    """Start one empty child, which the fork server forks once it has imported
+    everything; returns the seconds that took."""
+    t0 = time.monotonic()
+    proc = _CHILDREN.Process(target=_ready, name="dropmesh-warm-up", daemon=True)
+    proc.start()
+    proc.join()
+    return time.monotonic() - t0
 
 
 @dataclass
@@ -223,6 +262,12 @@ class StageProcess:
         self.started = time.monotonic()
         self.outcome: Outcome | None = None
         self.progress: tuple[float, str] | None = None
+        self._eof = False
+
+    def waitables(self) -> list[Any]:
+        """What to wait on for this child's next message or its exit."""
+        sentinel = self.proc.sentinel
+        return [sentinel] if self._eof or self.conn.closed else [self.conn, sentinel]
 
     @property
     def pid(self) -> int:
@@ -245,7 +290,8 @@ class StageProcess:
                         "error", message=msg[2], hint=msg[3], transient=msg[1] == "transient"
                     )
         except (EOFError, OSError):
-            pass
+            # The child closed its end: only its exit is left to wait for.
+            self._eof = True
         if self.proc.is_alive():
             return None
         self.proc.join()

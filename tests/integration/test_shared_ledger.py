@@ -89,7 +89,7 @@ def test_three_daemons_with_kill9_run_every_job_once(tmp_path: Path, pg_url: str
             daemons.start(slot)
         projects = [f"p{i:02d}" for i in range(N_JOBS)]
         for p in projects:
-            home.images(p, {"_all": {"sleep": 0.15}})
+            home.images(p, {"_all": {"sleep": 0.4}})
             home.drop(p)
 
         ledger = Ledger.open(pg_url)
