@@ -3,8 +3,9 @@
 Reads the COLMAP dense workspace that `undistort` wrote (`<ws>/undistort/images`,
 `sparse/`) and publishes `<ws>/stereo/` as a complete COLMAP dense workspace of its own:
 `images` and `sparse` are relative links to undistort's, `stereo/` holds
-`depth_maps/<image>.{photometric,geometric}.bin`, the matching `normal_maps/`,
-`patch-match.cfg` and `fusion.cfg`, exactly what `pycolmap.stereo_fusion` reads.
+`depth_maps/<image>.{photometric,geometric}.bin`, `normal_maps/<image>.geometric.bin`
+(PatchMatch also writes photometric normal maps), `patch-match.cfg` and `fusion.cfg`:
+exactly what `pycolmap.stereo_fusion` reads with input_type="geometric".
 
 Two engines, chosen by `ctx.device` (auto | cpu | gpu):
 
@@ -348,26 +349,30 @@ def _valid_area(view: View, H: np.ndarray, size: tuple[int, int], erode: int) ->
     return out
 
 
-def _to_view(view: View, rect: Rectified, H: np.ndarray, cx: float, disp: np.ndarray) -> np.ndarray:
+def _to_view(view: View, rect: Rectified, H: np.ndarray, disp: np.ndarray) -> np.ndarray:
     """Sample a rectified disparity map on a view's own pixel grid and turn it into the
-    view's depth map (NaN where unknown)."""
-    uu, vv = np.meshgrid(
-        np.arange(view.width, dtype=np.float64), np.arange(view.height, dtype=np.float64)
+    view's depth map (NaN where unknown).
+
+    H = K_rect rot R^T K^-1 maps view pixels to rectified ones, so the rectified ray of a
+    view pixel (u, v) is H (u, v, 1) / w with w = H[2] . (u, v, 1), and a point at depth
+    z_rect along the rectified axis lies at depth z_rect / w in the view."""
+    d = cv2.warpPerspective(
+        disp,
+        H,
+        (view.width, view.height),
+        flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=np.nan,
     )
-    pr = np.stack([uu, vv, np.ones_like(uu)], axis=-1) @ H.T
-    ur = (pr[..., 0] / pr[..., 2]).astype(np.float32)
-    vr = (pr[..., 1] / pr[..., 2]).astype(np.float32)
-    d = cv2.remap(
-        disp, ur, vr, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan
-    )
-    d_true = d.astype(np.float64) - rect.shift
+    uu = np.arange(view.width, dtype=np.float32)[None, :]
+    vv = np.arange(view.height, dtype=np.float32)[:, None]
+    w = np.float32(H[2, 0]) * uu + np.float32(H[2, 1]) * vv + np.float32(H[2, 2])
+    d_true = d - np.float32(rect.shift)
     with np.errstate(invalid="ignore", divide="ignore"):
-        z_rect = np.where(d_true > 0, rect.f * rect.baseline / d_true, np.nan)
-    m = view.R @ rect.rotation.T  # rectified camera -> view camera (same centre)
-    ray_z = m[2, 0] * (ur - cx) / rect.f + m[2, 1] * (vr - rect.cy) / rect.f + m[2, 2]
-    depth = (z_rect * ray_z).astype(np.float32)
-    depth[~(depth > 0)] = np.nan
-    return depth
+        depth = np.float32(rect.f * rect.baseline) / (d_true * w)
+    depth[~((d_true > 0) & (depth > 0))] = np.nan
+    out: np.ndarray = depth.astype(np.float32, copy=False)
+    return out
 
 
 def pair_depths(
@@ -430,8 +435,8 @@ def pair_depths(
     left_ok = checked(disp_l, disp_r, 1.0, in_l, in_r)
     right_ok = checked(disp_r, disp_l, -1.0, in_r, in_l)
     return (
-        _to_view(ref, rect, rect.h_ref, rect.cx_ref, left_ok),
-        _to_view(src, rect, rect.h_src, rect.cx_src, right_ok),
+        _to_view(ref, rect, rect.h_ref, left_ok),
+        _to_view(src, rect, rect.h_src, right_ok),
     )
 
 
@@ -474,6 +479,44 @@ def back_project(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
     return np.stack([x * d, y * d, d], axis=-1)
 
 
+def smallest_eigenvectors(cov: dict[tuple[int, int], np.ndarray]) -> np.ndarray:
+    """Unit eigenvectors (n, 3) of the smallest eigenvalues of n symmetric 3x3 matrices,
+    given as their upper triangles cov[i, j] (i <= j), each (n,). Closed form (the
+    eigenvalue by the trigonometric solution of the characteristic cubic, the vector as
+    the longest cross product of two rows of C - lambda I), with LAPACK for the few
+    matrices where that is ill-conditioned (a repeated smallest eigenvalue)."""
+    a, b, c = cov[0, 0], cov[1, 1], cov[2, 2]
+    d, e, f = cov[0, 1], cov[0, 2], cov[1, 2]
+    q = (a + b + c) / 3.0
+    off = d * d + e * e + f * f
+    p = np.sqrt(((a - q) ** 2 + (b - q) ** 2 + (c - q) ** 2 + 2.0 * off) / 6.0)
+    safe = np.where(p > 0, p, 1.0)
+    ba, bb, bc = (a - q) / safe, (b - q) / safe, (c - q) / safe
+    bd, be, bf = d / safe, e / safe, f / safe
+    det = ba * (bb * bc - bf * bf) - bd * (bd * bc - bf * be) + be * (bd * bf - bb * be)
+    phi = np.arccos(np.clip(det / 2.0, -1.0, 1.0)) / 3.0
+    lam = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
+    r0 = np.stack([a - lam, d, e], axis=-1)
+    r1 = np.stack([d, b - lam, f], axis=-1)
+    r2 = np.stack([e, f, c - lam], axis=-1)
+    crosses = np.stack([np.cross(r0, r1), np.cross(r0, r2), np.cross(r1, r2)])  # (3, n, 3)
+    lengths = np.einsum("knj,knj->kn", crosses, crosses)
+    best = np.argmax(lengths, axis=0)
+    vec = np.take_along_axis(crosses, best[None, :, None], axis=0)[0]
+    length = np.sqrt(np.take_along_axis(lengths, best[None], axis=0)[0])
+    # a repeated smallest eigenvalue leaves every cross product (nearly) zero
+    scale = np.maximum(np.abs(lam), 2.0 * p) ** 2
+    bad = ~(length > 1e-6 * np.maximum(scale, np.finfo(np.float64).tiny))
+    out: np.ndarray = vec / np.where(bad, 1.0, length)[:, None]
+    if bad.any():
+        m = np.empty((int(bad.sum()), 3, 3))
+        for (i, j), v in cov.items():
+            m[:, i, j] = v[bad]
+            m[:, j, i] = v[bad]
+        out[bad] = np.linalg.eigh(m)[1][:, :, 0]
+    return out
+
+
 def normals_from_depth(depth: np.ndarray, K: np.ndarray, radius: int = 3) -> np.ndarray:
     """Unit normals (H, W, 3) in camera coordinates, facing the camera, from a plane fit
     over a (2r+1)^2 window of valid pixels; zero where there are too few."""
@@ -482,35 +525,28 @@ def normals_from_depth(depth: np.ndarray, K: np.ndarray, radius: int = 3) -> np.
     normals = np.zeros((h, w, 3), np.float32)
     if not valid.any():
         return normals
-    pts = back_project(np.where(valid, depth, 0.0), K)
-    # centre on the pixel's own point to keep the sums well conditioned
+    pts = back_project(np.where(valid, depth, 0.0), K)  # zero where invalid
     ksize = (2 * radius + 1, 2 * radius + 1)
-    wgt = valid.astype(np.float64)
 
     def box(a: np.ndarray) -> np.ndarray:
         out: np.ndarray = cv2.boxFilter(a, cv2.CV_64F, ksize, normalize=False)
         return out
 
-    n = box(wgt)
-    s = [box(wgt * pts[..., i]) for i in range(3)]
-    ss = {}
-    for i in range(3):
-        for j in range(i, 3):
-            ss[i, j] = box(wgt * pts[..., i] * pts[..., j])
+    n = box(valid.astype(np.float64))
     enough = valid & (n >= max(4.0, 0.4 * ksize[0] * ksize[1]))
     idx = np.nonzero(enough)
     if len(idx[0]) == 0:
         return normals
+    x, y, z = pts[..., 0], pts[..., 1], pts[..., 2]
+    sums = box(pts)[idx]  # (m, 3)
+    squares = box(pts * pts)[idx]  # xx, yy, zz
+    products = box(np.stack([x * y, x * z, y * z], axis=-1))[idx]  # xy, xz, yz
     cnt = n[idx]
-    mean = np.stack([s[i][idx] / cnt for i in range(3)], axis=-1)
-    cov = np.empty((len(cnt), 3, 3))
-    for i in range(3):
-        for j in range(i, 3):
-            c = ss[i, j][idx] / cnt - mean[:, i] * mean[:, j]
-            cov[:, i, j] = c
-            cov[:, j, i] = c
-    _, vecs = np.linalg.eigh(cov)
-    nrm = vecs[:, :, 0]
+    mean = sums / cnt[:, None]
+    cov = {(i, i): squares[:, i] / cnt - mean[:, i] ** 2 for i in range(3)}
+    for k, (i, j) in enumerate(((0, 1), (0, 2), (1, 2))):
+        cov[i, j] = products[:, k] / cnt - mean[:, i] * mean[:, j]
+    nrm = smallest_eigenvectors(cov)
     p = pts[idx]
     flip = np.einsum("ij,ij->i", nrm, p) > 0
     nrm[flip] *= -1.0
@@ -525,27 +561,32 @@ def geometric_filter(
     valid = np.isfinite(depth)
     if not others or not valid.any():
         return depth
-    idx = np.nonzero(valid)
-    pc = back_project(depth, view.K)[idx]  # (n, 3) camera frame
-    world = (pc - view.t) @ view.R  # R^T (p - t)
-    count = np.zeros(len(pc), np.int32)
+    rows, cols = np.nonzero(valid)
+    d = depth[rows, cols].astype(np.float64)
+    # homogeneous pixel times depth: (u d, v d, d), so one affine map per other view
+    pix = np.stack([cols * d, rows * d, d])  # (3, n)
+    k_inv = np.linalg.inv(view.K)
+    count = np.zeros(len(d), np.int32)
     for other, odepth in others:
-        xc = world @ other.R.T + other.t
-        z = xc[:, 2]
+        # other pixel (times its depth) = K_o R_o R^T (K^-1 p d - t) + K_o t_o
+        rel = other.R @ view.R.T
+        A = other.K @ rel @ k_inv
+        b = other.K @ (other.t - rel @ view.t)
+        xo = A @ pix + b[:, None]
+        z = xo[2]
         with np.errstate(invalid="ignore", divide="ignore"):
-            u = np.rint(other.K[0, 0] * xc[:, 0] / z + other.K[0, 2])
-            v = np.rint(other.K[1, 1] * xc[:, 1] / z + other.K[1, 2])
+            u = np.rint(xo[0] / z)
+            v = np.rint(xo[1] / z)
         inside = (z > 0) & (u >= 0) & (u < other.width) & (v >= 0) & (v < other.height)
-        ui = np.where(inside, u, 0).astype(np.int64)
-        vi = np.where(inside, v, 0).astype(np.int64)
+        ui = np.where(inside, u, 0).astype(np.intp)
+        vi = np.where(inside, v, 0).astype(np.intp)
         od = odepth[vi, ui]
         with np.errstate(invalid="ignore"):
-            ok = inside & (np.abs(od - z) <= GEOMETRIC_AGREEMENT * z)
-        count += ok
+            count += inside & (np.abs(od - z) <= GEOMETRIC_AGREEMENT * z)
     need = min(MIN_CONSISTENT_VIEWS, len(others))
     out = np.full_like(depth, np.nan)
     keep = count >= need
-    out[idx[0][keep], idx[1][keep]] = depth[idx[0][keep], idx[1][keep]]
+    out[rows[keep], cols[keep]] = depth[rows[keep], cols[keep]]
     return out
 
 
@@ -689,9 +730,9 @@ def run_cpu(ctx: StageContext, out: Path, max_size: int) -> dict[str, Any]:
             depth[~images.texture(i)] = np.nan
         else:
             depth = np.full((view.height, view.width), np.nan, np.float32)
-        name = f"{view.name}.photometric.bin"
-        write_colmap_array(depth_dir / name, _to_colmap(depth))
-        write_colmap_array(normal_dir / name, normals_from_depth(depth, view.K))
+        # the geometric step reads it; its normals are never used (fusion reads the
+        # geometric maps), so they are computed once, for the geometric map
+        write_colmap_array(depth_dir / f"{view.name}.photometric.bin", _to_colmap(depth))
 
     stats: dict[int, float] = {}
 

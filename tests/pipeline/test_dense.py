@@ -121,6 +121,31 @@ def test_normals_of_a_plane_face_the_camera() -> None:
     assert np.allclose(inner, expected, atol=1e-3)
 
 
+def test_smallest_eigenvectors_match_lapack() -> None:
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(500, 3, 3)))
+    # plane-like spreads (one tiny eigenvalue), as local plane fits give, in any orientation
+    lam = np.stack(
+        [
+            10 ** rng.uniform(-9, -5, 500),
+            10 ** rng.uniform(-4, -2, 500),
+            10 ** rng.uniform(-4, -2, 500),
+        ],
+        axis=-1,
+    )
+    cov = np.einsum("nij,nj,nkj->nik", q, lam, q)
+    cov[:3] = np.eye(3) * 1e-3  # repeated eigenvalues: any unit vector of the eigenspace
+    cov[3:6] = np.einsum("ni,nj->nij", q[3:6, :, 0], q[3:6, :, 0])  # a line
+    upper = {(i, j): cov[:, i, j].copy() for i in range(3) for j in range(i, 3)}
+    vec = stereo.smallest_eigenvectors(upper)
+    assert np.allclose(np.linalg.norm(vec, axis=1), 1.0)
+    smallest = np.linalg.eigvalsh(cov)[:, 0]
+    rayleigh = np.einsum("ni,nij,nj->n", vec, cov, vec)
+    assert np.allclose(rayleigh, smallest, rtol=1e-6, atol=1e-15)
+    expected = np.linalg.eigh(cov[6:])[1][:, :, 0]
+    assert np.allclose(np.abs(np.einsum("ni,ni->n", vec[6:], expected)), 1.0, atol=1e-9)
+
+
 def test_umeyama_recovers_a_similarity() -> None:
     rng = np.random.default_rng(0)
     src = rng.normal(size=(10, 3))
