@@ -56,6 +56,7 @@ NUM_CHECK_NEIGHBOURS = 8  # views a depth must be consistent with (some of)
 MIN_PAIR_ANGLE = 3.0
 BEST_PAIR_ANGLE = 10.0
 MAX_PAIR_ANGLE = 45.0
+MIN_SHARED_POINTS = 20  # sparse points a pair must share to take its depth range from them
 
 # Filtering.
 PAIR_AGREEMENT = 0.015  # relative depth difference for two pairs to agree
@@ -139,6 +140,7 @@ class View:
     width: int  # depth-map size
     height: int
     points: np.ndarray = field(repr=False)  # sparse points this view sees, (n, 3)
+    point_ids: np.ndarray = field(repr=False)  # their ids, (n,), ascending
 
     @property
     def centre(self) -> np.ndarray:
@@ -178,8 +180,8 @@ def load_views(sparse_dir: Path, max_size: int) -> list[View]:
             ]
         )
         pose = image.cam_from_world()
-        ids = [p.point3D_id for p in image.points2D if p.has_point3D()]
-        pts = np.array([xyz[i] for i in ids if i in xyz], dtype=np.float64).reshape(-1, 3)
+        ids = sorted({p.point3D_id for p in image.points2D if p.has_point3D()} & xyz.keys())
+        pts = np.array([xyz[i] for i in ids], dtype=np.float64).reshape(-1, 3)
         views.append(
             View(
                 index=len(views),
@@ -190,6 +192,7 @@ def load_views(sparse_dir: Path, max_size: int) -> list[View]:
                 width=w,
                 height=h,
                 points=pts,
+                point_ids=np.array(ids, dtype=np.int64),
             )
         )
     return views
@@ -303,25 +306,38 @@ def rectify(ref: View, src: View) -> Rectified | None:
     c_src = _warp_corners(k0 @ to_src, src.width, src.height)
     if c_ref is None or c_src is None:
         return None
-    # depth range (along the rectified axis) of the sparse points the reference sees
-    zs = (ref.points - ref.centre) @ rot[2]
+    # depth range (along the rectified axis) of the sparse points both views see (the
+    # reference's, if they share too few)
+    _, shared, _ = np.intersect1d(ref.point_ids, src.point_ids, return_indices=True)
+    seen = ref.points[shared] if len(shared) >= MIN_SHARED_POINTS else ref.points
+    zs = (seen - ref.centre) @ rot[2]
     zs = zs[zs > 1e-9]
     if len(zs) < 3:
         return None
     z_near, z_far = np.percentile(zs, 0.5) * 0.9, np.percentile(zs, 99.5) * 1.15
     d_near, d_far = f * b / z_near, f * b / z_far  # true disparities, d_near > d_far
     limit_w, limit_h = 2 * ref.width, 2 * ref.height
-    v_lo = min(c_ref[:, 1].min(), c_src[:, 1].min())
-    v_hi = max(c_ref[:, 1].max(), c_src[:, 1].max())
+    # only rows both images reach can match
+    v_lo = max(c_ref[:, 1].min(), c_src[:, 1].min())
+    v_hi = min(c_ref[:, 1].max(), c_src[:, 1].max())
+    if v_hi - v_lo < 1:
+        return None
     if v_hi - v_lo > limit_h:  # keep the rows around the reference image's centre
         mid = float(c_ref[:, 1].mean())
         v_lo, v_hi = mid - limit_h / 2, mid + limit_h / 2
-    cx_ref = -float(c_ref[:, 0].min())
-    cx_src = cx_ref + d_near  # measured disparity = d_true - d_near <= 0
     num_disp = int(np.clip(int(np.ceil((d_near - d_far + 4) / 16.0)) * 16, 16, 512))
     min_disp = 2 - num_disp
+    # measured disparity = d_true - d_near <= 0: a reference column u looks for its match
+    # in source columns u .. u + num_disp; reference columns that cannot reach the source
+    # image are left out
+    cx_ref = -float(c_ref[:, 0].min())
+    cx_src = cx_ref + d_near
+    skip = max(0.0, c_src[:, 0].min() + cx_src - num_disp)
+    cx_ref, cx_src = cx_ref - skip, cx_src - skip
     # the reference's columns plus the search range: source columns beyond are unused
     width = min(c_ref[:, 0].max() + cx_ref + num_disp, c_src[:, 0].max() + cx_src) + 1
+    if width < 1:
+        return None
     width_r = int(np.ceil(min(width, limit_w)))
     height_r = int(np.ceil(v_hi - v_lo + 1))
     cy = -v_lo
