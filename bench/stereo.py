@@ -2,10 +2,11 @@
 the same rectified pairs, side by side in one run.
 
 dropmesh's stage makes one filtered depth map (and normal map) per image, from SGBM in
-both directions over 4 neighbour pairs per image, left-right checks, pair agreement and
-a multi-view consistency check. The baseline is one `StereoSGBM.compute` per pair (same
-block size, penalties and mode, OpenCV's own threading) on the pairs the stage chose,
-rectified beforehand (not timed): the raw matcher's throughput. Both are given in
+both directions over the neighbour pairs it chooses (up to 4 per image), left-right
+checks, pair agreement and a multi-view consistency check. The baseline is one
+`StereoSGBM.compute` per pair (same block size, penalties and mode, OpenCV's own
+threading) on the pairs the stage chose, rectified beforehand (not timed): the raw
+matcher's throughput. Both are given in
 depth-map megapixels per second (each output map counted at the image's depth-map size).
 """
 

@@ -51,7 +51,11 @@ from pipeline.stages._workspace import (
 STAGE = "stereo"
 
 # Neighbour selection (degrees are triangulation angles at the scene).
-NUM_STEREO_NEIGHBOURS = 4  # pairs matched per view
+NUM_STEREO_NEIGHBOURS = 4  # pairs matched per view, at most
+# and only those scoring at least this share of the view's best pair: a weak pair (few
+# shared points, or a wide angle and so a wide disparity range) costs as much to match as
+# a good one, or more, and adds little
+MIN_RELATIVE_PAIR_SCORE = 0.5
 NUM_CHECK_NEIGHBOURS = 8  # views a depth must be consistent with (some of)
 MIN_PAIR_ANGLE = 3.0
 BEST_PAIR_ANGLE = 10.0
@@ -241,7 +245,8 @@ def neighbours(views: list[View], co: np.ndarray) -> tuple[list[list[int]], list
         score = shared * weight
         score[(angle < MIN_PAIR_ANGLE) | (shared <= 0)] = 0.0
         score[v.index] = 0.0
-        order = [int(j) for j in np.argsort(-score) if score[j] > 0]
+        keep = (score > 0) & (score >= MIN_RELATIVE_PAIR_SCORE * score.max())
+        order = [int(j) for j in np.argsort(-score) if keep[j]]
         stereo_nb.append(order[:NUM_STEREO_NEIGHBOURS])
         check = shared * (angle >= 1.0)
         check[v.index] = 0.0
