@@ -576,24 +576,35 @@ def normals_from_depth(depth: np.ndarray, K: np.ndarray, radius: int = 3) -> np.
 
 
 def geometric_filter(
-    view: View, depth: np.ndarray, others: list[tuple[View, np.ndarray]]
+    view: View,
+    depth: np.ndarray,
+    others: list[View],
+    load: Callable[[View], np.ndarray],
 ) -> np.ndarray:
-    """Keep the depths that at least MIN_CONSISTENT_VIEWS other views agree with."""
+    """Keep the depths that at least MIN_CONSISTENT_VIEWS of the other views agree with
+    (all of them, if there are fewer). `load(other)` gives another view's depth map; the
+    views are tried in order, each only for the depths not yet confirmed, and no more
+    maps are loaded once every depth is."""
     valid = np.isfinite(depth)
     if not others or not valid.any():
         return depth
+    need = min(MIN_CONSISTENT_VIEWS, len(others))
     rows, cols = np.nonzero(valid)
     d = depth[rows, cols].astype(np.float64)
     # homogeneous pixel times depth: (u d, v d, d), so one affine map per other view
     pix = np.stack([cols * d, rows * d, d])  # (3, n)
     k_inv = np.linalg.inv(view.K)
     count = np.zeros(len(d), np.int32)
-    for other, odepth in others:
+    pending = np.arange(len(d))  # depths not yet confirmed by `need` views
+    for other in others:
+        if len(pending) == 0:
+            break
+        odepth = load(other)
         # other pixel (times its depth) = K_o R_o R^T (K^-1 p d - t) + K_o t_o
         rel = other.R @ view.R.T
         A = other.K @ rel @ k_inv
         b = other.K @ (other.t - rel @ view.t)
-        xo = A @ pix + b[:, None]
+        xo = A @ pix[:, pending] + b[:, None]
         z = xo[2]
         with np.errstate(invalid="ignore", divide="ignore"):
             u = np.rint(xo[0] / z)
@@ -603,8 +614,8 @@ def geometric_filter(
         vi = np.where(inside, v, 0).astype(np.intp)
         od = odepth[vi, ui]
         with np.errstate(invalid="ignore"):
-            count += inside & (np.abs(od - z) <= GEOMETRIC_AGREEMENT * z)
-    need = min(MIN_CONSISTENT_VIEWS, len(others))
+            count[pending] += inside & (np.abs(od - z) <= GEOMETRIC_AGREEMENT * z)
+        pending = pending[count[pending] < need]
     out = np.full_like(depth, np.nan)
     keep = count >= need
     out[rows[keep], cols[keep]] = depth[rows[keep], cols[keep]]
@@ -762,8 +773,8 @@ def run_cpu(ctx: StageContext, out: Path, max_size: int) -> dict[str, Any]:
 
     def geometric(i: int) -> None:
         view = views[i]
-        others = [(views[j], load_photometric(views[j])) for j in check_nb[i]]
-        depth = geometric_filter(view, load_photometric(view), others)
+        others = [views[j] for j in check_nb[i]]
+        depth = geometric_filter(view, load_photometric(view), others, load_photometric)
         stats[i] = float(np.isfinite(depth).mean())
         name = f"{view.name}.geometric.bin"
         write_colmap_array(depth_dir / name, _to_colmap(depth))
