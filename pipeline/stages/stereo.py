@@ -13,10 +13,11 @@ Two engines, chosen by `ctx.device` (auto | cpu | gpu):
   The CUDA build of pycolmap aborts the process if PatchMatch runs without a GPU, so the
   GPU is counted first, in a throwaway subprocess.
 - cpu: OpenCV semi-global matching on rectified pairs of neighbouring views (chosen from
-  the sparse model by shared points and triangulation angle), with a left-right check,
-  agreement between the pairs of a view, a multi-view geometric consistency check
-  against the neighbours' depth maps, and normals from local plane fits of the depth map.
-  Images are processed in parallel threads (OpenCV and numpy release the GIL).
+  the sparse model by shared points and triangulation angle), one matching per pair
+  giving depths to both of its views, with an occlusion (left-right) check, agreement
+  between the pairs of a view, a multi-view geometric consistency check against the
+  neighbours' depth maps, and normals from local plane fits of the depth map. Pairs and
+  views are processed in parallel threads (OpenCV and numpy release the GIL).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ MIN_AGREEING_PAIRS = 1  # pairs of a view that must agree on a depth (where pair
 GEOMETRIC_AGREEMENT = 0.01  # relative depth difference for two views to agree
 MIN_CONSISTENT_VIEWS = 1  # other views whose depth maps must agree (fusion then asks for 3)
 MIN_TEXTURE_STD = 2.0  # grey-level standard deviation (0..255) below which a pixel is blank
-LR_MAX_DIFF = 1.0  # px, left-right disparity check
+LR_MAX_DIFF = 1.0  # px: a match hidden behind one nearer by more than this is dropped
 
 DEPTH_DIR = "depth_maps"
 NORMAL_DIR = "normal_maps"
@@ -399,8 +400,14 @@ def _to_view(view: View, rect: Rectified, H: np.ndarray, disp: np.ndarray) -> np
 def pair_depths(
     ref: View, src: View, ref_img: np.ndarray, src_img: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Depth maps of both views of a pair (NaN where unknown), from semi-global
-    matching in both directions with a left-right consistency check."""
+    """Depth maps of both views of a pair (NaN where unknown), from one semi-global
+    matching of the reference against the source.
+
+    The source's map comes from the reference's by forward warping: each matched
+    reference pixel lands on the source pixels either side of its sub-pixel match, and
+    where several land on one pixel the nearest wins (a z-buffer). That z-buffer is also
+    the left-right check: a reference pixel whose match is taken by a nearer one (more
+    than LR_MAX_DIFF px of disparity nearer) is hidden in the source and dropped."""
     rect = rectify(ref, src)
     if rect is None:
         return None
@@ -422,42 +429,30 @@ def pair_depths(
         speckleRange=2,
         mode=cv2.STEREO_SGBM_MODE_SGBM_3WAY,
     )
-    disp_l = sgbm.compute(left, right).astype(np.float32) / 16.0
-    # right-view disparities: match the mirrored pair (the disparity keeps its sign)
-    flipped = sgbm.compute(
-        np.ascontiguousarray(right[:, ::-1]), np.ascontiguousarray(left[:, ::-1])
-    )
-    disp_r = np.ascontiguousarray(flipped[:, ::-1]).astype(np.float32) / 16.0
-    invalid = rect.min_disp - 0.5
+    disp = sgbm.compute(left, right).astype(np.float32) / 16.0
     in_l = _valid_area(ref, rect.h_ref, size, block)
     in_r = _valid_area(src, rect.h_src, size, block)
-    width = size[0]
-    cols = np.arange(width, dtype=np.float32)[None, :]
-
-    def checked(
-        disp: np.ndarray, other: np.ndarray, sign: float, own: np.ndarray, seen: np.ndarray
-    ) -> np.ndarray:
-        target = np.rint(cols - sign * disp).astype(np.int64)
-        inside = (target >= 0) & (target < width)
-        target = np.clip(target, 0, width - 1)
-        other_at = np.take_along_axis(other, target, axis=1)
-        seen_at = np.take_along_axis(seen, target, axis=1)
-        ok = (
-            (disp > invalid)
-            & (other_at > invalid)
-            & inside
-            & own
-            & seen_at
-            & (np.abs(disp - other_at) <= LR_MAX_DIFF)
-        )
-        out: np.ndarray = np.where(ok, disp, np.nan).astype(np.float32)
-        return out
-
-    left_ok = checked(disp_l, disp_r, 1.0, in_l, in_r)
-    right_ok = checked(disp_r, disp_l, -1.0, in_r, in_l)
+    height, width = disp.shape
+    # reference column x matches source column x - disp on the same row
+    lo = np.floor(np.arange(width, dtype=np.float32)[None, :] - disp)
+    matched = (disp > rect.min_disp - 0.5) & in_l & (lo >= 0) & (lo + 1 < width)
+    rows, cols = np.nonzero(matched)
+    d = disp[rows, cols]
+    at = rows.astype(np.intp) * width + lo[rows, cols].astype(np.intp)  # flat, left of match
+    seen = in_r.ravel()
+    # larger disparity = nearer; assigning in ascending order leaves the nearest
+    order = np.argsort(d, kind="stable")
+    nearest = np.full(height * width, -np.inf, np.float32)
+    nearest[at[order]] = d[order]
+    nearest[at[order] + 1] = d[order]
+    front = np.maximum(nearest[at], nearest[at + 1])
+    keep = (front - d <= LR_MAX_DIFF) & seen[at] & seen[at + 1]
+    left_ok = np.full((height, width), np.nan, np.float32)
+    left_ok[rows[keep], cols[keep]] = d[keep]
+    right_ok = np.where(np.isfinite(nearest) & seen, nearest, np.nan).astype(np.float32)
     return (
         _to_view(ref, rect, rect.h_ref, left_ok),
-        _to_view(src, rect, rect.h_src, right_ok),
+        _to_view(src, rect, rect.h_src, right_ok.reshape(height, width)),
     )
 
 
