@@ -116,9 +116,10 @@ def stereo_section(d: dict[str, Any]) -> str:
     w, h = d["depth_map_size"]
     return (
         f"## CPU dense stereo\n\n{d['images']} images, preset {d['quality']}, depth maps "
-        f"{w}x{h}. dropmesh: the whole stereo stage (SGBM both ways on 4 pairs per image, "
-        "checks, normals, consistency). Plain: one `StereoSGBM.compute` per pair on the "
-        "same rectified pairs. Throughput in depth-map megapixels per second.\n\n"
+        f"{w}x{h}. dropmesh: the whole stereo stage (one SGBM per neighbour pair it chooses, "
+        "up to 4 per image, giving both views' depths; checks, normals, consistency). Plain: "
+        "one `StereoSGBM.compute` per pair on the same rectified pairs. Throughput in "
+        "depth-map megapixels per second.\n\n"
         + _table(
             ["run", "dropmesh maps", "s", "MP/s", "plain SGBM maps", "s", "MP/s", "ratio"], rows
         )

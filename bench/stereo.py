@@ -1,11 +1,12 @@
 """CPU dense stereo: dropmesh's stereo stage against plain OpenCV semi-global matching on
 the same rectified pairs, side by side in one run.
 
-dropmesh's stage makes one filtered depth map (and normal map) per image, from SGBM in
-both directions over 4 neighbour pairs per image, left-right checks, pair agreement and
-a multi-view consistency check. The baseline is one `StereoSGBM.compute` per pair (same
-block size, penalties and mode, OpenCV's own threading) on the pairs the stage chose,
-rectified beforehand (not timed): the raw matcher's throughput. Both are given in
+dropmesh's stage makes one filtered depth map (and normal map) per image, from one SGBM
+per neighbour pair it chooses (up to 4 per image; each gives both views' depths), an
+occlusion check, pair agreement and a multi-view consistency check. The baseline is one
+`StereoSGBM.compute` per pair (same block size, penalties and mode, OpenCV's own
+threading) on the pairs the stage chose, rectified beforehand (not timed): the raw
+matcher's throughput. Both are given in
 depth-map megapixels per second (each output map counted at the image's depth-map size).
 """
 

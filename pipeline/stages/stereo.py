@@ -3,8 +3,9 @@
 Reads the COLMAP dense workspace that `undistort` wrote (`<ws>/undistort/images`,
 `sparse/`) and publishes `<ws>/stereo/` as a complete COLMAP dense workspace of its own:
 `images` and `sparse` are relative links to undistort's, `stereo/` holds
-`depth_maps/<image>.{photometric,geometric}.bin`, the matching `normal_maps/`,
-`patch-match.cfg` and `fusion.cfg`, exactly what `pycolmap.stereo_fusion` reads.
+`depth_maps/<image>.{photometric,geometric}.bin`, `normal_maps/<image>.geometric.bin`
+(PatchMatch also writes photometric normal maps), `patch-match.cfg` and `fusion.cfg`:
+exactly what `pycolmap.stereo_fusion` reads with input_type="geometric".
 
 Two engines, chosen by `ctx.device` (auto | cpu | gpu):
 
@@ -12,10 +13,11 @@ Two engines, chosen by `ctx.device` (auto | cpu | gpu):
   The CUDA build of pycolmap aborts the process if PatchMatch runs without a GPU, so the
   GPU is counted first, in a throwaway subprocess.
 - cpu: OpenCV semi-global matching on rectified pairs of neighbouring views (chosen from
-  the sparse model by shared points and triangulation angle), with a left-right check,
-  agreement between the pairs of a view, a multi-view geometric consistency check
-  against the neighbours' depth maps, and normals from local plane fits of the depth map.
-  Images are processed in parallel threads (OpenCV and numpy release the GIL).
+  the sparse model by shared points and triangulation angle), one matching per pair
+  giving depths to both of its views, with an occlusion (left-right) check, agreement
+  between the pairs of a view, a multi-view geometric consistency check against the
+  neighbours' depth maps, and normals from local plane fits of the depth map. Pairs and
+  views are processed in parallel threads (OpenCV and numpy release the GIL).
 """
 
 from __future__ import annotations
@@ -50,11 +52,16 @@ from pipeline.stages._workspace import (
 STAGE = "stereo"
 
 # Neighbour selection (degrees are triangulation angles at the scene).
-NUM_STEREO_NEIGHBOURS = 4  # pairs matched per view
+NUM_STEREO_NEIGHBOURS = 4  # pairs matched per view, at most
+# and only those scoring at least this share of the view's best pair: a weak pair (few
+# shared points, or a wide angle and so a wide disparity range) costs as much to match as
+# a good one, or more, and adds little
+MIN_RELATIVE_PAIR_SCORE = 0.5
 NUM_CHECK_NEIGHBOURS = 8  # views a depth must be consistent with (some of)
 MIN_PAIR_ANGLE = 3.0
 BEST_PAIR_ANGLE = 10.0
 MAX_PAIR_ANGLE = 45.0
+MIN_SHARED_POINTS = 20  # sparse points a pair must share to take its depth range from them
 
 # Filtering.
 PAIR_AGREEMENT = 0.015  # relative depth difference for two pairs to agree
@@ -63,7 +70,7 @@ MIN_AGREEING_PAIRS = 1  # pairs of a view that must agree on a depth (where pair
 GEOMETRIC_AGREEMENT = 0.01  # relative depth difference for two views to agree
 MIN_CONSISTENT_VIEWS = 1  # other views whose depth maps must agree (fusion then asks for 3)
 MIN_TEXTURE_STD = 2.0  # grey-level standard deviation (0..255) below which a pixel is blank
-LR_MAX_DIFF = 1.0  # px, left-right disparity check
+LR_MAX_DIFF = 1.0  # px: a match hidden behind one nearer by more than this is dropped
 
 DEPTH_DIR = "depth_maps"
 NORMAL_DIR = "normal_maps"
@@ -138,6 +145,7 @@ class View:
     width: int  # depth-map size
     height: int
     points: np.ndarray = field(repr=False)  # sparse points this view sees, (n, 3)
+    point_ids: np.ndarray = field(repr=False)  # their ids, (n,), ascending
 
     @property
     def centre(self) -> np.ndarray:
@@ -177,8 +185,8 @@ def load_views(sparse_dir: Path, max_size: int) -> list[View]:
             ]
         )
         pose = image.cam_from_world()
-        ids = [p.point3D_id for p in image.points2D if p.has_point3D()]
-        pts = np.array([xyz[i] for i in ids if i in xyz], dtype=np.float64).reshape(-1, 3)
+        ids = sorted({p.point3D_id for p in image.points2D if p.has_point3D()} & xyz.keys())
+        pts = np.array([xyz[i] for i in ids], dtype=np.float64).reshape(-1, 3)
         views.append(
             View(
                 index=len(views),
@@ -189,6 +197,7 @@ def load_views(sparse_dir: Path, max_size: int) -> list[View]:
                 width=w,
                 height=h,
                 points=pts,
+                point_ids=np.array(ids, dtype=np.int64),
             )
         )
     return views
@@ -237,7 +246,8 @@ def neighbours(views: list[View], co: np.ndarray) -> tuple[list[list[int]], list
         score = shared * weight
         score[(angle < MIN_PAIR_ANGLE) | (shared <= 0)] = 0.0
         score[v.index] = 0.0
-        order = [int(j) for j in np.argsort(-score) if score[j] > 0]
+        keep = (score > 0) & (score >= MIN_RELATIVE_PAIR_SCORE * score.max())
+        order = [int(j) for j in np.argsort(-score) if keep[j]]
         stereo_nb.append(order[:NUM_STEREO_NEIGHBOURS])
         check = shared * (angle >= 1.0)
         check[v.index] = 0.0
@@ -302,25 +312,38 @@ def rectify(ref: View, src: View) -> Rectified | None:
     c_src = _warp_corners(k0 @ to_src, src.width, src.height)
     if c_ref is None or c_src is None:
         return None
-    # depth range (along the rectified axis) of the sparse points the reference sees
-    zs = (ref.points - ref.centre) @ rot[2]
+    # depth range (along the rectified axis) of the sparse points both views see (the
+    # reference's, if they share too few)
+    _, shared, _ = np.intersect1d(ref.point_ids, src.point_ids, return_indices=True)
+    seen = ref.points[shared] if len(shared) >= MIN_SHARED_POINTS else ref.points
+    zs = (seen - ref.centre) @ rot[2]
     zs = zs[zs > 1e-9]
     if len(zs) < 3:
         return None
     z_near, z_far = np.percentile(zs, 0.5) * 0.9, np.percentile(zs, 99.5) * 1.15
     d_near, d_far = f * b / z_near, f * b / z_far  # true disparities, d_near > d_far
     limit_w, limit_h = 2 * ref.width, 2 * ref.height
-    v_lo = min(c_ref[:, 1].min(), c_src[:, 1].min())
-    v_hi = max(c_ref[:, 1].max(), c_src[:, 1].max())
+    # only rows both images reach can match
+    v_lo = max(c_ref[:, 1].min(), c_src[:, 1].min())
+    v_hi = min(c_ref[:, 1].max(), c_src[:, 1].max())
+    if v_hi - v_lo < 1:
+        return None
     if v_hi - v_lo > limit_h:  # keep the rows around the reference image's centre
         mid = float(c_ref[:, 1].mean())
         v_lo, v_hi = mid - limit_h / 2, mid + limit_h / 2
-    cx_ref = -float(c_ref[:, 0].min())
-    cx_src = cx_ref + d_near  # measured disparity = d_true - d_near <= 0
     num_disp = int(np.clip(int(np.ceil((d_near - d_far + 4) / 16.0)) * 16, 16, 512))
     min_disp = 2 - num_disp
+    # measured disparity = d_true - d_near <= 0: a reference column u looks for its match
+    # in source columns u .. u + num_disp; reference columns that cannot reach the source
+    # image are left out
+    cx_ref = -float(c_ref[:, 0].min())
+    cx_src = cx_ref + d_near
+    skip = max(0.0, c_src[:, 0].min() + cx_src - num_disp)
+    cx_ref, cx_src = cx_ref - skip, cx_src - skip
     # the reference's columns plus the search range: source columns beyond are unused
     width = min(c_ref[:, 0].max() + cx_ref + num_disp, c_src[:, 0].max() + cx_src) + 1
+    if width < 1:
+        return None
     width_r = int(np.ceil(min(width, limit_w)))
     height_r = int(np.ceil(v_hi - v_lo + 1))
     cy = -v_lo
@@ -348,33 +371,43 @@ def _valid_area(view: View, H: np.ndarray, size: tuple[int, int], erode: int) ->
     return out
 
 
-def _to_view(view: View, rect: Rectified, H: np.ndarray, cx: float, disp: np.ndarray) -> np.ndarray:
+def _to_view(view: View, rect: Rectified, H: np.ndarray, disp: np.ndarray) -> np.ndarray:
     """Sample a rectified disparity map on a view's own pixel grid and turn it into the
-    view's depth map (NaN where unknown)."""
-    uu, vv = np.meshgrid(
-        np.arange(view.width, dtype=np.float64), np.arange(view.height, dtype=np.float64)
+    view's depth map (NaN where unknown).
+
+    H = K_rect rot R^T K^-1 maps view pixels to rectified ones, so the rectified ray of a
+    view pixel (u, v) is H (u, v, 1) / w with w = H[2] . (u, v, 1), and a point at depth
+    z_rect along the rectified axis lies at depth z_rect / w in the view."""
+    d = cv2.warpPerspective(
+        disp,
+        H,
+        (view.width, view.height),
+        flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=np.nan,
     )
-    pr = np.stack([uu, vv, np.ones_like(uu)], axis=-1) @ H.T
-    ur = (pr[..., 0] / pr[..., 2]).astype(np.float32)
-    vr = (pr[..., 1] / pr[..., 2]).astype(np.float32)
-    d = cv2.remap(
-        disp, ur, vr, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan
-    )
-    d_true = d.astype(np.float64) - rect.shift
+    uu = np.arange(view.width, dtype=np.float32)[None, :]
+    vv = np.arange(view.height, dtype=np.float32)[:, None]
+    w = np.float32(H[2, 0]) * uu + np.float32(H[2, 1]) * vv + np.float32(H[2, 2])
+    d_true = d - np.float32(rect.shift)
     with np.errstate(invalid="ignore", divide="ignore"):
-        z_rect = np.where(d_true > 0, rect.f * rect.baseline / d_true, np.nan)
-    m = view.R @ rect.rotation.T  # rectified camera -> view camera (same centre)
-    ray_z = m[2, 0] * (ur - cx) / rect.f + m[2, 1] * (vr - rect.cy) / rect.f + m[2, 2]
-    depth = (z_rect * ray_z).astype(np.float32)
-    depth[~(depth > 0)] = np.nan
-    return depth
+        depth = np.float32(rect.f * rect.baseline) / (d_true * w)
+    depth[~((d_true > 0) & (depth > 0))] = np.nan
+    out: np.ndarray = depth.astype(np.float32, copy=False)
+    return out
 
 
 def pair_depths(
     ref: View, src: View, ref_img: np.ndarray, src_img: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Depth maps of both views of a pair (NaN where unknown), from semi-global
-    matching in both directions with a left-right consistency check."""
+    """Depth maps of both views of a pair (NaN where unknown), from one semi-global
+    matching of the reference against the source.
+
+    The source's map comes from the reference's by forward warping: each matched
+    reference pixel lands on the source pixels either side of its sub-pixel match, and
+    where several land on one pixel the nearest wins (a z-buffer). That z-buffer is also
+    the left-right check: a reference pixel whose match is taken by a nearer one (more
+    than LR_MAX_DIFF px of disparity nearer) is hidden in the source and dropped."""
     rect = rectify(ref, src)
     if rect is None:
         return None
@@ -396,42 +429,30 @@ def pair_depths(
         speckleRange=2,
         mode=cv2.STEREO_SGBM_MODE_SGBM_3WAY,
     )
-    disp_l = sgbm.compute(left, right).astype(np.float32) / 16.0
-    # right-view disparities: match the mirrored pair (the disparity keeps its sign)
-    flipped = sgbm.compute(
-        np.ascontiguousarray(right[:, ::-1]), np.ascontiguousarray(left[:, ::-1])
-    )
-    disp_r = np.ascontiguousarray(flipped[:, ::-1]).astype(np.float32) / 16.0
-    invalid = rect.min_disp - 0.5
+    disp = sgbm.compute(left, right).astype(np.float32) / 16.0
     in_l = _valid_area(ref, rect.h_ref, size, block)
     in_r = _valid_area(src, rect.h_src, size, block)
-    width = size[0]
-    cols = np.arange(width, dtype=np.float32)[None, :]
-
-    def checked(
-        disp: np.ndarray, other: np.ndarray, sign: float, own: np.ndarray, seen: np.ndarray
-    ) -> np.ndarray:
-        target = np.rint(cols - sign * disp).astype(np.int64)
-        inside = (target >= 0) & (target < width)
-        target = np.clip(target, 0, width - 1)
-        other_at = np.take_along_axis(other, target, axis=1)
-        seen_at = np.take_along_axis(seen, target, axis=1)
-        ok = (
-            (disp > invalid)
-            & (other_at > invalid)
-            & inside
-            & own
-            & seen_at
-            & (np.abs(disp - other_at) <= LR_MAX_DIFF)
-        )
-        out: np.ndarray = np.where(ok, disp, np.nan).astype(np.float32)
-        return out
-
-    left_ok = checked(disp_l, disp_r, 1.0, in_l, in_r)
-    right_ok = checked(disp_r, disp_l, -1.0, in_r, in_l)
+    height, width = disp.shape
+    # reference column x matches source column x - disp on the same row
+    lo = np.floor(np.arange(width, dtype=np.float32)[None, :] - disp)
+    matched = (disp > rect.min_disp - 0.5) & in_l & (lo >= 0) & (lo + 1 < width)
+    rows, cols = np.nonzero(matched)
+    d = disp[rows, cols]
+    at = rows.astype(np.intp) * width + lo[rows, cols].astype(np.intp)  # flat, left of match
+    seen = in_r.ravel()
+    # larger disparity = nearer; assigning in ascending order leaves the nearest
+    order = np.argsort(d, kind="stable")
+    nearest = np.full(height * width, -np.inf, np.float32)
+    nearest[at[order]] = d[order]
+    nearest[at[order] + 1] = d[order]
+    front = np.maximum(nearest[at], nearest[at + 1])
+    keep = (front - d <= LR_MAX_DIFF) & seen[at] & seen[at + 1]
+    left_ok = np.full((height, width), np.nan, np.float32)
+    left_ok[rows[keep], cols[keep]] = d[keep]
+    right_ok = np.where(np.isfinite(nearest) & seen, nearest, np.nan).astype(np.float32)
     return (
-        _to_view(ref, rect, rect.h_ref, rect.cx_ref, left_ok),
-        _to_view(src, rect, rect.h_src, rect.cx_src, right_ok),
+        _to_view(ref, rect, rect.h_ref, left_ok),
+        _to_view(src, rect, rect.h_src, right_ok.reshape(height, width)),
     )
 
 
@@ -474,6 +495,44 @@ def back_project(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
     return np.stack([x * d, y * d, d], axis=-1)
 
 
+def smallest_eigenvectors(cov: dict[tuple[int, int], np.ndarray]) -> np.ndarray:
+    """Unit eigenvectors (n, 3) of the smallest eigenvalues of n symmetric 3x3 matrices,
+    given as their upper triangles cov[i, j] (i <= j), each (n,). Closed form (the
+    eigenvalue by the trigonometric solution of the characteristic cubic, the vector as
+    the longest cross product of two rows of C - lambda I), with LAPACK for the few
+    matrices where that is ill-conditioned (a repeated smallest eigenvalue)."""
+    a, b, c = cov[0, 0], cov[1, 1], cov[2, 2]
+    d, e, f = cov[0, 1], cov[0, 2], cov[1, 2]
+    q = (a + b + c) / 3.0
+    off = d * d + e * e + f * f
+    p = np.sqrt(((a - q) ** 2 + (b - q) ** 2 + (c - q) ** 2 + 2.0 * off) / 6.0)
+    safe = np.where(p > 0, p, 1.0)
+    ba, bb, bc = (a - q) / safe, (b - q) / safe, (c - q) / safe
+    bd, be, bf = d / safe, e / safe, f / safe
+    det = ba * (bb * bc - bf * bf) - bd * (bd * bc - bf * be) + be * (bd * bf - bb * be)
+    phi = np.arccos(np.clip(det / 2.0, -1.0, 1.0)) / 3.0
+    lam = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
+    r0 = np.stack([a - lam, d, e], axis=-1)
+    r1 = np.stack([d, b - lam, f], axis=-1)
+    r2 = np.stack([e, f, c - lam], axis=-1)
+    crosses = np.stack([np.cross(r0, r1), np.cross(r0, r2), np.cross(r1, r2)])  # (3, n, 3)
+    lengths = np.einsum("knj,knj->kn", crosses, crosses)
+    best = np.argmax(lengths, axis=0)
+    vec = np.take_along_axis(crosses, best[None, :, None], axis=0)[0]
+    length = np.sqrt(np.take_along_axis(lengths, best[None], axis=0)[0])
+    # a repeated smallest eigenvalue leaves every cross product (nearly) zero
+    scale = np.maximum(np.abs(lam), 2.0 * p) ** 2
+    bad = ~(length > 1e-6 * np.maximum(scale, np.finfo(np.float64).tiny))
+    out: np.ndarray = vec / np.where(bad, 1.0, length)[:, None]
+    if bad.any():
+        m = np.empty((int(bad.sum()), 3, 3))
+        for (i, j), v in cov.items():
+            m[:, i, j] = v[bad]
+            m[:, j, i] = v[bad]
+        out[bad] = np.linalg.eigh(m)[1][:, :, 0]
+    return out
+
+
 def normals_from_depth(depth: np.ndarray, K: np.ndarray, radius: int = 3) -> np.ndarray:
     """Unit normals (H, W, 3) in camera coordinates, facing the camera, from a plane fit
     over a (2r+1)^2 window of valid pixels; zero where there are too few."""
@@ -482,35 +541,28 @@ def normals_from_depth(depth: np.ndarray, K: np.ndarray, radius: int = 3) -> np.
     normals = np.zeros((h, w, 3), np.float32)
     if not valid.any():
         return normals
-    pts = back_project(np.where(valid, depth, 0.0), K)
-    # centre on the pixel's own point to keep the sums well conditioned
+    pts = back_project(np.where(valid, depth, 0.0), K)  # zero where invalid
     ksize = (2 * radius + 1, 2 * radius + 1)
-    wgt = valid.astype(np.float64)
 
     def box(a: np.ndarray) -> np.ndarray:
         out: np.ndarray = cv2.boxFilter(a, cv2.CV_64F, ksize, normalize=False)
         return out
 
-    n = box(wgt)
-    s = [box(wgt * pts[..., i]) for i in range(3)]
-    ss = {}
-    for i in range(3):
-        for j in range(i, 3):
-            ss[i, j] = box(wgt * pts[..., i] * pts[..., j])
+    n = box(valid.astype(np.float64))
     enough = valid & (n >= max(4.0, 0.4 * ksize[0] * ksize[1]))
     idx = np.nonzero(enough)
     if len(idx[0]) == 0:
         return normals
+    x, y, z = pts[..., 0], pts[..., 1], pts[..., 2]
+    sums = box(pts)[idx]  # (m, 3)
+    squares = box(pts * pts)[idx]  # xx, yy, zz
+    products = box(np.stack([x * y, x * z, y * z], axis=-1))[idx]  # xy, xz, yz
     cnt = n[idx]
-    mean = np.stack([s[i][idx] / cnt for i in range(3)], axis=-1)
-    cov = np.empty((len(cnt), 3, 3))
-    for i in range(3):
-        for j in range(i, 3):
-            c = ss[i, j][idx] / cnt - mean[:, i] * mean[:, j]
-            cov[:, i, j] = c
-            cov[:, j, i] = c
-    _, vecs = np.linalg.eigh(cov)
-    nrm = vecs[:, :, 0]
+    mean = sums / cnt[:, None]
+    cov = {(i, i): squares[:, i] / cnt - mean[:, i] ** 2 for i in range(3)}
+    for k, (i, j) in enumerate(((0, 1), (0, 2), (1, 2))):
+        cov[i, j] = products[:, k] / cnt - mean[:, i] * mean[:, j]
+    nrm = smallest_eigenvectors(cov)
     p = pts[idx]
     flip = np.einsum("ij,ij->i", nrm, p) > 0
     nrm[flip] *= -1.0
@@ -519,33 +571,49 @@ def normals_from_depth(depth: np.ndarray, K: np.ndarray, radius: int = 3) -> np.
 
 
 def geometric_filter(
-    view: View, depth: np.ndarray, others: list[tuple[View, np.ndarray]]
+    view: View,
+    depth: np.ndarray,
+    others: list[View],
+    load: Callable[[View], np.ndarray],
 ) -> np.ndarray:
-    """Keep the depths that at least MIN_CONSISTENT_VIEWS other views agree with."""
+    """Keep the depths that at least MIN_CONSISTENT_VIEWS of the other views agree with
+    (all of them, if there are fewer). `load(other)` gives another view's depth map; the
+    views are tried in order, each only for the depths not yet confirmed, and no more
+    maps are loaded once every depth is."""
     valid = np.isfinite(depth)
     if not others or not valid.any():
         return depth
-    idx = np.nonzero(valid)
-    pc = back_project(depth, view.K)[idx]  # (n, 3) camera frame
-    world = (pc - view.t) @ view.R  # R^T (p - t)
-    count = np.zeros(len(pc), np.int32)
-    for other, odepth in others:
-        xc = world @ other.R.T + other.t
-        z = xc[:, 2]
+    need = min(MIN_CONSISTENT_VIEWS, len(others))
+    rows, cols = np.nonzero(valid)
+    d = depth[rows, cols].astype(np.float64)
+    # homogeneous pixel times depth: (u d, v d, d), so one affine map per other view
+    pix = np.stack([cols * d, rows * d, d])  # (3, n)
+    k_inv = np.linalg.inv(view.K)
+    count = np.zeros(len(d), np.int32)
+    pending = np.arange(len(d))  # depths not yet confirmed by `need` views
+    for other in others:
+        if len(pending) == 0:
+            break
+        odepth = load(other)
+        # other pixel (times its depth) = K_o R_o R^T (K^-1 p d - t) + K_o t_o
+        rel = other.R @ view.R.T
+        A = other.K @ rel @ k_inv
+        b = other.K @ (other.t - rel @ view.t)
+        xo = A @ pix[:, pending] + b[:, None]
+        z = xo[2]
         with np.errstate(invalid="ignore", divide="ignore"):
-            u = np.rint(other.K[0, 0] * xc[:, 0] / z + other.K[0, 2])
-            v = np.rint(other.K[1, 1] * xc[:, 1] / z + other.K[1, 2])
+            u = np.rint(xo[0] / z)
+            v = np.rint(xo[1] / z)
         inside = (z > 0) & (u >= 0) & (u < other.width) & (v >= 0) & (v < other.height)
-        ui = np.where(inside, u, 0).astype(np.int64)
-        vi = np.where(inside, v, 0).astype(np.int64)
+        ui = np.where(inside, u, 0).astype(np.intp)
+        vi = np.where(inside, v, 0).astype(np.intp)
         od = odepth[vi, ui]
         with np.errstate(invalid="ignore"):
-            ok = inside & (np.abs(od - z) <= GEOMETRIC_AGREEMENT * z)
-        count += ok
-    need = min(MIN_CONSISTENT_VIEWS, len(others))
+            count[pending] += inside & (np.abs(od - z) <= GEOMETRIC_AGREEMENT * z)
+        pending = pending[count[pending] < need]
     out = np.full_like(depth, np.nan)
     keep = count >= need
-    out[idx[0][keep], idx[1][keep]] = depth[idx[0][keep], idx[1][keep]]
+    out[rows[keep], cols[keep]] = depth[rows[keep], cols[keep]]
     return out
 
 
@@ -689,9 +757,9 @@ def run_cpu(ctx: StageContext, out: Path, max_size: int) -> dict[str, Any]:
             depth[~images.texture(i)] = np.nan
         else:
             depth = np.full((view.height, view.width), np.nan, np.float32)
-        name = f"{view.name}.photometric.bin"
-        write_colmap_array(depth_dir / name, _to_colmap(depth))
-        write_colmap_array(normal_dir / name, normals_from_depth(depth, view.K))
+        # the geometric step reads it; its normals are never used (fusion reads the
+        # geometric maps), so they are computed once, for the geometric map
+        write_colmap_array(depth_dir / f"{view.name}.photometric.bin", _to_colmap(depth))
 
     stats: dict[int, float] = {}
 
@@ -700,8 +768,8 @@ def run_cpu(ctx: StageContext, out: Path, max_size: int) -> dict[str, Any]:
 
     def geometric(i: int) -> None:
         view = views[i]
-        others = [(views[j], load_photometric(views[j])) for j in check_nb[i]]
-        depth = geometric_filter(view, load_photometric(view), others)
+        others = [views[j] for j in check_nb[i]]
+        depth = geometric_filter(view, load_photometric(view), others, load_photometric)
         stats[i] = float(np.isfinite(depth).mean())
         name = f"{view.name}.geometric.bin"
         write_colmap_array(depth_dir / name, _to_colmap(depth))

@@ -109,6 +109,45 @@ def test_colmap_array_round_trip(tmp_path: Path) -> None:
     assert np.array_equal(raw[:35], normals[:, :, 0].ravel())
 
 
+def test_pair_depths_gives_both_views_of_a_plane() -> None:
+    """Two views 0.5 apart of a textured plane 5 in front: one matching gives the depth
+    maps of both views (the source's by forward warping), right where they overlap."""
+    import cv2
+
+    w, h, f, shift = 200, 150, 200.0, 20  # disparity f * b / z = 200 * 0.5 / 5 = 20 px
+    K = np.array([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1.0]])
+    noise = np.random.default_rng(0).integers(0, 256, (h, w + shift, 3)).astype(np.uint8)
+    texture = cv2.GaussianBlur(noise, (0, 0), 1.5)
+    gx, gy = np.meshgrid(np.linspace(-1.5, 1.5, 15), np.linspace(-1.2, 1.2, 12))
+    points = np.stack([gx.ravel(), gy.ravel(), np.full(gx.size, 5.0)], axis=-1)
+    ids = np.arange(len(points), dtype=np.int64)
+
+    def view(index: int, x: float) -> stereo.View:
+        return stereo.View(
+            index=index,
+            name=f"v{index}",
+            K=K,
+            R=np.eye(3),
+            t=np.array([-x, 0.0, 0.0]),
+            width=w,
+            height=h,
+            points=points,
+            point_ids=ids,
+        )
+
+    # the source, 0.5 to the right, sees the plane 20 px further left
+    depths = stereo.pair_depths(view(0, 0.0), view(1, 0.5), texture[:, :w], texture[:, shift:])
+    assert depths is not None
+    for depth, unmatched in zip(depths, (np.s_[:, :shift], np.s_[:, w - shift :]), strict=True):
+        assert depth.shape == (h, w)
+        valid = np.isfinite(depth)
+        assert valid.mean() > 0.6
+        assert not valid[unmatched].any()  # what the other view does not see
+        # within 1% (SGBM's sub-pixel disparities lean towards whole pixels)
+        assert np.abs(np.median(depth[valid]) - 5.0) < 0.05
+        assert np.percentile(np.abs(depth[valid] - 5.0), 95) < 0.1
+
+
 def test_normals_of_a_plane_face_the_camera() -> None:
     K = np.array([[100.0, 0, 32], [0, 100.0, 24], [0, 0, 1]])
     uu, vv = np.meshgrid(np.arange(64.0), np.arange(48.0))
@@ -119,6 +158,31 @@ def test_normals_of_a_plane_face_the_camera() -> None:
     expected = np.array([0.5, 0.0, -1.0]) / np.linalg.norm([0.5, 0.0, -1.0])
     inner = n[5:-5, 5:-5].reshape(-1, 3)
     assert np.allclose(inner, expected, atol=1e-3)
+
+
+def test_smallest_eigenvectors_match_lapack() -> None:
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(500, 3, 3)))
+    # plane-like spreads (one tiny eigenvalue), as local plane fits give, in any orientation
+    lam = np.stack(
+        [
+            10 ** rng.uniform(-9, -5, 500),
+            10 ** rng.uniform(-4, -2, 500),
+            10 ** rng.uniform(-4, -2, 500),
+        ],
+        axis=-1,
+    )
+    cov = np.einsum("nij,nj,nkj->nik", q, lam, q)
+    cov[:3] = np.eye(3) * 1e-3  # repeated eigenvalues: any unit vector of the eigenspace
+    cov[3:6] = np.einsum("ni,nj->nij", q[3:6, :, 0], q[3:6, :, 0])  # a line
+    upper = {(i, j): cov[:, i, j].copy() for i in range(3) for j in range(i, 3)}
+    vec = stereo.smallest_eigenvectors(upper)
+    assert np.allclose(np.linalg.norm(vec, axis=1), 1.0)
+    smallest = np.linalg.eigvalsh(cov)[:, 0]
+    rayleigh = np.einsum("ni,nij,nj->n", vec, cov, vec)
+    assert np.allclose(rayleigh, smallest, rtol=1e-6, atol=1e-15)
+    expected = np.linalg.eigh(cov[6:])[1][:, :, 0]
+    assert np.allclose(np.abs(np.einsum("ni,ni->n", vec[6:], expected)), 1.0, atol=1e-9)
 
 
 def test_umeyama_recovers_a_similarity() -> None:
