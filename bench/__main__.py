@@ -4,6 +4,7 @@ and bench/results/scaling.png.
     python -m bench                  # every suite
     python -m bench pipeline sparse  # some suites
     python -m bench --quick          # smaller scenes, fewer repetitions
+    python -m bench compare --baseline REF   # options after the suite go to the suite
     python -m bench report           # only regenerate BENCHMARKS.md and the plot
 """
 
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("suites", nargs="*", help=f"any of {', '.join(SUITES)}, or report")
     ap.add_argument("--quick", action="store_true", help="smaller runs")
-    args = ap.parse_args(argv)
+    # anything else goes to each suite named, e.g. `compare --baseline REF`
+    args, extra = ap.parse_known_args(argv)
     names = args.suites or list(DEFAULT)
     unknown = [n for n in names if n not in SUITES and n != "report"]
     if unknown:
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             suite_args = ["--quick"] if args.quick else []
         try:
-            module.main(suite_args)
+            module.main(suite_args + extra)
         except Exception as exc:  # one failed suite does not stop the others
             print(f"suite {name} failed: {exc!r}", file=sys.stderr)
             failed.append(name)
