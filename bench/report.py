@@ -190,7 +190,9 @@ def memory_section(d: dict[str, Any]) -> str:
         "(peak RSS = that process's VmHWM).\n\n"
         + _table(["stage", "s", "peak MB"], rows)
         + f"\n\n**Peak {r['peak_rss_mb']:.0f} MB**, {verdict} the {d['limit_mb']} MB target; "
-        f"{r['total_s']:.0f} s in stages; F-score {r['fscore']}.\n\n{_meta(d)}\n"
+        f"{r['total_s']:.0f} s in stages; F-score {r['fscore']}.\n\n"
+        + (f"{d['note']}\n\n" if d.get("note") else "")
+        + f"{_meta(d)}\n"
     )
 
 

@@ -43,12 +43,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--max-images", type=int, default=64)
+    ap.add_argument("--quality", action="append", choices=("low", "medium"), default=None)
     args = ap.parse_args(argv)
+    qualities = args.quality or ["low", "medium"]
     counts = [n for n in (8, 16, 32, 64, 128) if n <= (16 if args.quick else args.max_images)]
     before = load()
     out: dict[str, Any] = {"quick": args.quick, "size": list(SIZE), "counts": counts}
     with tempfile.TemporaryDirectory(prefix="dropmesh-bench-") as tmp:
-        for quality in ("low", "medium"):
+        for quality in qualities:
             runs = []
             for n in counts:
                 r = measure(n, SIZE, quality, Path(tmp))
