@@ -21,6 +21,7 @@ from daemon.db import LedgerError
 from daemon.listing import Listing
 from daemon.states import ACTIVE, TERMINAL, JobState, StageState
 from pipeline import FORMATS, QUALITIES, STAGES
+from pipeline.stages import STAGE_WEIGHTS
 
 if TYPE_CHECKING:
     # The ORM, loaded by the commands that need it: `status` reads through Listing.
@@ -37,20 +38,6 @@ app = typer.Typer(
 # Wide enough for the status table when the output goes to a file or a pipe.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
-
-# Rough share of a job's time per stage, for the overall progress figure.
-STAGE_WEIGHTS = {
-    "ingest": 2,
-    "features": 10,
-    "matching": 12,
-    "mapping": 12,
-    "undistort": 3,
-    "stereo": 35,
-    "fusion": 8,
-    "meshing": 10,
-    "color": 4,
-    "export": 4,
-}
 
 HomeOpt = Annotated[
     Path | None,
@@ -434,7 +421,7 @@ def retry(
         raise _fail(f"--format must be one of {', '.join(FORMATS)}", 2)
     if from_stage and from_stage not in STAGES:
         raise _fail(f"--from-stage must be one of {', '.join(STAGES)}", 2)
-    from daemon.service import remove_stage_outputs
+    from pipeline.stages import remove_stage_outputs
 
     for j in _resolve(ledger, job):
         try:

@@ -34,10 +34,10 @@ from daemon.worker import (
     wait_fork_server_ready,
 )
 from pipeline import STAGES
+from pipeline.stages import GPU_STAGES, remove_stage_outputs
 
 log = logging.getLogger("dropmesh")
 
-GPU_STAGES = frozenset({"features", "matching", "stereo"})
 CANCEL_POLL_S = 0.3
 # The longest the main loop sleeps without a wake-up: a new job from the intake, a
 # stage's message or exit, or a stop request wake it at once.
@@ -841,12 +841,3 @@ def _dead_local_worker(worker: str, host: str) -> bool:
     except psutil.Error:
         return False
     return "daemon" not in cmdline and "dropmesh" not in cmdline
-
-
-def remove_stage_outputs(workspace: Path, stage: str) -> None:
-    """Remove what a stage left behind: its folder and its temporary siblings."""
-    for p in [workspace / stage, *workspace.glob(f"{stage}.*"), *workspace.glob(f".{stage}*")]:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.exists() or p.is_symlink():
-            p.unlink(missing_ok=True)

@@ -163,3 +163,12 @@ def stage_preset(ctx: StageContext) -> Preset:
     names = {f.name for f in fields(Preset)}
     options = {k: v for k, v in (ctx.spec.options or {}).items() if k in names}
     return preset(ctx.spec.quality, options)
+
+
+def remove_stage_outputs(workspace: Path, stage: str) -> None:
+    """Remove what a stage left behind: its folder and its temporary siblings."""
+    for p in [workspace / stage, *workspace.glob(f"{stage}.*"), *workspace.glob(f".{stage}*")]:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink(missing_ok=True)

@@ -10,7 +10,8 @@ from daemon_harness import FAST_ENV, Home, wait_for
 
 from daemon import config
 from daemon.ledger import Ledger
-from daemon.service import GPU_STAGES, Daemon
+from daemon.service import Daemon
+from pipeline.stages import GPU_STAGES
 
 
 class _Quiet:
