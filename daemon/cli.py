@@ -18,6 +18,7 @@ from rich.table import Table
 
 from daemon import config as config_mod
 from daemon.db import LedgerError
+from daemon.humanize import clock
 from daemon.listing import Listing
 from daemon.states import ACTIVE, TERMINAL, JobState, StageState
 from pipeline import FORMATS, QUALITIES, STAGES
@@ -91,15 +92,6 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds") if ts else None
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    return (
-        f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-    )
-
-
 def job_progress(job: Any, stages: list[Any]) -> float:
     if job.state == JobState.SUCCEEDED.value:
         return 1.0
@@ -170,7 +162,7 @@ def _eta(job: Any, progress: float) -> str:
     if job.state != JobState.RUNNING.value or not job.started_at or progress <= 0.02:
         return "-"
     elapsed = time.time() - job.started_at
-    return _duration(elapsed * (1 - progress) / progress)
+    return clock(elapsed * (1 - progress) / progress)
 
 
 def _jobs_table(jobs: list[Any], stages: dict[str, list[Any]]) -> Table:
@@ -193,7 +185,7 @@ def _jobs_table(jobs: list[Any], stages: dict[str, list[Any]]) -> Table:
             f"[{style}]{job.state}[/{style}]",
             job.stage or "-",
             f"{_bar(p, 12)} {p * 100:5.1f}%",
-            _duration(elapsed),
+            clock(elapsed),
             _eta(job, p),
             note,
         )
@@ -218,7 +210,7 @@ def _job_detail(job: Any, stages: list[Any], exports: list[str]) -> Table:
             s.name,
             f"[{style}]{s.state}[/{style}]",
             f"{_bar(s.progress)} {s.progress * 100:5.1f}%",
-            _duration(dur) if dur is not None else "-",
+            clock(dur) if dur is not None else "-",
             f"{s.peak_rss_mb:.0f}" if s.peak_rss_mb else "-",
             s.message or "",
         )
@@ -698,7 +690,7 @@ def workers(
             str(i["pid"]),
             "[green]live[/green]" if i["live"] else "[red]stale[/red]",
             f"{i['heartbeat_age_s']:.1f} s ago",
-            _duration(now - datetime.fromisoformat(str(i["started_at"])).timestamp()),
+            clock(now - datetime.fromisoformat(str(i["started_at"])).timestamp()),
             str(i["cuda_devices"]) if i["cuda_devices"] else f"- ({i['gpu_stages']})",
             f"{len(i['jobs'])}/{i['max_jobs']}",
             ", ".join(i["jobs"]) or "-",

@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from daemon import db
+from daemon.humanize import words
 from daemon.listing import Listing
 from daemon.models import Event, ExportFile, Job, Notification, Stage, Worker
 from daemon.states import ACTIVE, JobState, StageState, check_transition
@@ -593,8 +594,7 @@ class Ledger(Listing):
                             job_id=job_id,
                             kind="exported",
                             title=notify_title or f"dropmesh: {job.project} is ready",
-                            body=f"{files}\nin {Path(exports[0].path).parent}\n"
-                            f"took {_human_duration(took)}",
+                            body=f"{files}\nin {Path(exports[0].path).parent}\ntook {words(took)}",
                             created_at=now,
                         )
                     )
@@ -880,15 +880,6 @@ def _event(
     job_id: str | None, kind: str, message: str, at: float, data: dict[str, Any] | None = None
 ) -> Event:
     return Event(job_id=job_id, at=at, kind=kind, message=message, data=data or {})
-
-
-def _human_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def request_key(content_hash: str, name: str, mtime_ns: int, size: int) -> str:
