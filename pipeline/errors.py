@@ -4,12 +4,11 @@ from __future__ import annotations
 
 
 class StageError(Exception):
-    """Base class: carries the stage name and a hint for the user."""
+    """Base class: a message and a hint for the user (the daemon knows which stage ran)."""
 
-    def __init__(self, message: str, *, stage: str | None = None, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.stage = stage
         self.hint = hint
 
     def __str__(self) -> str:

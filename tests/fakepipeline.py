@@ -50,12 +50,12 @@ def _fail(how: str, stage: str) -> None:
     if how == "memory":
         raise MemoryError()
     if how == "transient":
-        raise TransientError(f"{stage} hit a transient fault", stage=stage)
+        raise TransientError(f"{stage} hit a transient fault")
     if how == "enospc":
         raise OSError(errno.ENOSPC, "No space left on device")
     if how == "exit":
         os._exit(3)
-    raise PermanentError(f"{stage} cannot go on with these images", stage=stage, hint="fake")
+    raise PermanentError(f"{stage} cannot go on with these images", hint="fake")
 
 
 def run_stage(stage: str, ctx: StageContext) -> StageResult:

@@ -53,9 +53,7 @@ def require(ctx: StageContext, by: str, parts: tuple[str, ...]) -> Path:
     """The path of an earlier stage's output; PermanentError if it is missing."""
     path = ctx.workspace.joinpath(*parts)
     if not path.exists() or not (ctx.workspace / parts[0] / METRICS).is_file():
-        raise PermanentError(
-            f"{path} is missing", stage=by, hint=f"the {parts[0]} stage must finish first"
-        )
+        raise PermanentError(f"{path} is missing", hint=f"the {parts[0]} stage must finish first")
     return path
 
 

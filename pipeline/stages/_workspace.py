@@ -67,9 +67,7 @@ def require(ctx: StageContext, by: str, stage: str, *parts: str) -> Path:
     """The path of an earlier stage's output; PermanentError if it is missing."""
     path = ctx.stage_dir(stage).joinpath(*parts)
     if not path.exists():
-        raise PermanentError(
-            f"{path} is missing", stage=by, hint=f"the {stage} stage must finish first"
-        )
+        raise PermanentError(f"{path} is missing", hint=f"the {stage} stage must finish first")
     return path
 
 

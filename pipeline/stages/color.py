@@ -74,9 +74,9 @@ def run(ctx: StageContext) -> StageResult:
     mesh = o3d.io.read_triangle_mesh(mesh_path)
     cloud = o3d.io.read_point_cloud(fused)
     if len(mesh.vertices) == 0:
-        raise PermanentError("the mesh is empty", stage=STAGE)
+        raise PermanentError("the mesh is empty")
     if len(cloud.points) == 0 or not cloud.has_colors():
-        raise PermanentError("the fused point cloud has no colours", stage=STAGE)
+        raise PermanentError("the fused point cloud has no colours")
     colours, nearest = vertex_colours(
         np.asarray(mesh.vertices),
         np.asarray(cloud.points),

@@ -52,7 +52,7 @@ def mesh_name(ctx: StageContext, fmt: str) -> Path:
 def load_coloured_mesh(path: Path) -> trimesh.Trimesh:
     mesh = trimesh.load(str(path), process=False, force="mesh")
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
-        raise PermanentError(f"{path} holds no triangle mesh", stage=STAGE)
+        raise PermanentError(f"{path} holds no triangle mesh")
     return mesh
 
 
@@ -75,7 +75,7 @@ def encode(mesh: trimesh.Trimesh, fmt: str) -> bytes:
         )
         data = text.encode() if isinstance(text, str) else text
     else:
-        raise PermanentError(f"unknown export format {fmt!r}", stage=STAGE, hint=", ".join(FORMATS))
+        raise PermanentError(f"unknown export format {fmt!r}", hint=", ".join(FORMATS))
     return bytes(data)
 
 
@@ -228,7 +228,7 @@ def run(ctx: StageContext) -> StageResult:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise PermanentError(
-            f"unknown export format(s) {', '.join(unknown)}", stage=STAGE, hint=", ".join(FORMATS)
+            f"unknown export format(s) {', '.join(unknown)}", hint=", ".join(FORMATS)
         )
     mesh = load_coloured_mesh(coloured)
     ctx.results_dir.mkdir(parents=True, exist_ok=True)

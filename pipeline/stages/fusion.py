@@ -129,7 +129,7 @@ def _fuse(
             raise Cancelled()
     if "error" in box:
         exc = box["error"]
-        raise TransientError(f"stereo fusion failed: {exc}", stage=STAGE) from exc
+        raise TransientError(f"stereo fusion failed: {exc}") from exc
     rec: pycolmap.Reconstruction = box["rec"]
     return rec
 
@@ -152,7 +152,6 @@ def run(ctx: StageContext) -> StageResult:
         if n < MIN_POINTS:
             raise PermanentError(
                 f"the fused point cloud has {n} points (at least {MIN_POINTS} are needed)",
-                stage=STAGE,
                 hint="the photos may lack texture or overlap; take more photos, closer together",
             )
         lo, hi = np.percentile(pts, 1, axis=0), np.percentile(pts, 99, axis=0)

@@ -69,7 +69,6 @@ def run(ctx: StageContext) -> StageResult:
         raise PermanentError(
             f"{ctx.spec.images} holds {len(files)} JPEG/PNG image(s); at least {MIN_IMAGES} "
             "are needed",
-            stage=NAME,
             hint="add more overlapping photos of the object (20 or more work best)",
         )
 
@@ -110,7 +109,6 @@ def run(ctx: StageContext) -> StageResult:
             shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise PermanentError(
                 f"{len(bad)} image(s) cannot be used: {shown}",
-                stage=NAME,
                 hint="remove or re-export the named files (JPEG or PNG) and retry",
             )
         write_json(tmp / "images.json", {"images": records})
@@ -145,7 +143,6 @@ def _list_images(folder: Path) -> tuple[list[Path], list[str]]:
     if not folder.is_dir():
         raise PermanentError(
             f"image folder {folder} does not exist or is not a folder",
-            stage=NAME,
             hint="check the request's images path",
         )
     files, skipped, unsupported = [], [], []
@@ -163,7 +160,6 @@ def _list_images(folder: Path) -> tuple[list[Path], list[str]]:
         raise PermanentError(
             f"unsupported image format: {', '.join(unsupported[:5])}"
             + (f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""),
-            stage=NAME,
             hint="convert these files to JPEG or PNG, or move them out of the folder",
         )
     return files, skipped

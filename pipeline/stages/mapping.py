@@ -114,7 +114,6 @@ def run(ctx: StageContext) -> StageResult:
         if registered < MIN_REGISTERED or registered < MIN_REGISTERED_FRACTION * total:
             raise PermanentError(
                 f"only {registered} of {total} images could be placed in one model",
-                stage=NAME,
                 hint=HINT,
             )
         assert best is not None

@@ -227,7 +227,6 @@ def run(ctx: StageContext) -> StageResult:
         if verified == 0:
             raise PermanentError(
                 "no two photos could be matched",
-                stage=NAME,
                 hint="photos must overlap (neighbouring photos share 60-80% of the view) "
                 "and show a textured, static subject",
             )

@@ -109,7 +109,7 @@ def run(ctx: StageContext) -> StageResult:
     cloud = o3d.io.read_point_cloud(fused)
     if len(cloud.points) == 0 or not cloud.has_normals():
         # Poisson crashes on an empty cloud: never call it then
-        raise PermanentError("the fused point cloud is empty or has no normals", stage=STAGE)
+        raise PermanentError("the fused point cloud is empty or has no normals")
     ctx.check_cancelled()
     ctx.progress(0.05, f"Poisson reconstruction (depth {p.poisson_depth})")
     mesh, densities = poisson(cloud, p.poisson_depth, num_threads(ctx))
@@ -119,7 +119,7 @@ def run(ctx: StageContext) -> StageResult:
     mesh = trim(mesh, densities, np.asarray(cloud.points), p.poisson_depth, num_threads(ctx))
     trimmed_faces = len(mesh.triangles)
     if trimmed_faces == 0:
-        raise PermanentError("nothing was left of the mesh after trimming", stage=STAGE)
+        raise PermanentError("nothing was left of the mesh after trimming")
     ctx.check_cancelled()
     if trimmed_faces > p.face_budget:
         ctx.progress(0.75, f"decimating {trimmed_faces} faces to {p.face_budget}")

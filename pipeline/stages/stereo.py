@@ -114,7 +114,7 @@ def choose_device(requested: str) -> str:
     if requested == "cpu":
         return "cpu"
     if requested not in ("auto", "gpu"):
-        raise PermanentError(f"unknown device {requested!r}", stage=STAGE, hint="auto, cpu or gpu")
+        raise PermanentError(f"unknown device {requested!r}", hint="auto, cpu or gpu")
     gpus = cuda_device_count()
     if gpus > 0:
         return "gpu"
@@ -126,7 +126,6 @@ def choose_device(requested: str) -> str:
         )
         raise PermanentError(
             f"device=gpu was requested but GPU stereo is not available: {why}",
-            stage=STAGE,
             hint="install dropmesh[gpu] on a machine with an NVIDIA GPU, or use device=auto",
         )
     return "cpu"
@@ -172,7 +171,6 @@ def load_views(sparse_dir: Path, max_size: int) -> list[View]:
             raise PermanentError(
                 f"image {image.name} has camera model {cam.model.name}; stereo needs "
                 "undistorted (pinhole) images",
-                stage=STAGE,
             )
         w, h = depth_map_size(cam.width, cam.height, max_size)
         sx, sy = w / cam.width, h / cam.height
@@ -623,7 +621,7 @@ def geometric_filter(
 def _load_image(path: Path, view: View) -> np.ndarray:
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
-        raise PermanentError(f"cannot read image {path}", stage=STAGE)
+        raise PermanentError(f"cannot read image {path}")
     if img.shape[1] != view.width or img.shape[0] != view.height:
         img = cv2.resize(img, (view.width, view.height), interpolation=cv2.INTER_AREA)
     return img
@@ -722,7 +720,7 @@ def run_cpu(ctx: StageContext, out: Path, max_size: int) -> dict[str, Any]:
     undistort = ctx.stage_dir("undistort")
     views = load_views(undistort / "sparse", max_size)
     if not views:
-        raise PermanentError("the sparse model has no registered images", stage=STAGE)
+        raise PermanentError("the sparse model has no registered images")
     co = covisibility(undistort / "sparse", views)
     stereo_nb, check_nb = neighbours(views, co)
     # each pair is matched once and gives depths for both of its views
@@ -846,10 +844,10 @@ def run_gpu(ctx: StageContext, out: Path, max_size: int) -> dict[str, Any]:
         )
     if failure:
         exc = failure[0]
-        raise TransientError(f"PatchMatch stereo failed: {exc}", stage=STAGE) from exc
+        raise TransientError(f"PatchMatch stereo failed: {exc}") from exc
     made = len(list(depth_dir.glob("*.geometric.bin")))
     if made == 0:
-        raise TransientError("PatchMatch stereo wrote no depth maps", stage=STAGE)
+        raise TransientError("PatchMatch stereo wrote no depth maps")
     return {"engine": "colmap-patch-match", "depth_maps": made, "max_image_size": max_size}
 
 
