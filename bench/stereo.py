@@ -37,21 +37,23 @@ def _context(ws: Path, images: Path, quality: str) -> Any:
 def prepared_pairs(ws: Path, max_size: int) -> tuple[list[tuple[Any, ...]], tuple[int, int]]:
     import cv2
 
-    from pipeline.stages import stereo
+    from pipeline.stages.stereo.cpu import load_image
+    from pipeline.stages.stereo.rectify import rectify
+    from pipeline.stages.stereo.views import covisibility, load_views, neighbours
 
     undistort = ws / "undistort"
-    views = stereo.load_views(undistort / "sparse", max_size)
-    co = stereo.covisibility(undistort / "sparse", views)
-    stereo_nb, _ = stereo.neighbours(views, co)
+    views = load_views(undistort / "sparse", max_size)
+    co = covisibility(undistort / "sparse", views)
+    stereo_nb, _ = neighbours(views, co)
     pairs = sorted({(min(i, j), max(i, j)) for i, nb in enumerate(stereo_nb) for j in nb})
     out = []
     for i, j in pairs:
         a, b = views[i], views[j]
-        rect = stereo.rectify(a, b)
+        rect = rectify(a, b)
         if rect is None:
             continue
-        ia = stereo._load_image(undistort / "images" / a.name, a)
-        ib = stereo._load_image(undistort / "images" / b.name, b)
+        ia = load_image(undistort / "images" / a.name, a)
+        ib = load_image(undistort / "images" / b.name, b)
         left = cv2.warpPerspective(ia, rect.h_ref, rect.size, flags=cv2.INTER_LINEAR)
         right = cv2.warpPerspective(ib, rect.h_src, rect.size, flags=cv2.INTER_LINEAR)
         out.append((left, right, rect.min_disp, rect.num_disp))

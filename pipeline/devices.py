@@ -1,21 +1,42 @@
-"""Which compute devices pycolmap can use here."""
+"""Which compute devices pycolmap can use here.
+
+The one place that asks: stages, the daemon and the CLI all go through `cuda_support()`.
+"""
 
 from __future__ import annotations
 
 import functools
 import subprocess
 import sys
+from dataclasses import dataclass
 
 _PROBE = (
     "import pycolmap\n"
-    "n = pycolmap.get_num_cuda_devices() if getattr(pycolmap, 'has_cuda', False) else 0\n"
-    "print(int(n))\n"
+    "built = bool(getattr(pycolmap, 'has_cuda', False))\n"
+    "n = pycolmap.get_num_cuda_devices() if built else 0\n"
+    "print(int(built), int(n))\n"
 )
 
 
+@dataclass(frozen=True)
+class CudaSupport:
+    built: bool  # this pycolmap build has CUDA support
+    devices: int  # CUDA devices it can use
+
+    @property
+    def why_not(self) -> str:
+        """Why there is no GPU, in words ('' if there is one)."""
+        if self.devices > 0:
+            return ""
+        if not self.built:
+            return "this pycolmap build has no CUDA support"
+        return "no CUDA device is visible"
+
+
 @functools.cache
-def cuda_device_count() -> int:
-    """CUDA devices pycolmap can use (0 with the CPU build or without a GPU).
+def cuda_support() -> CudaSupport:
+    """What pycolmap's CUDA support looks like here (no devices with the CPU build, or
+    without a GPU, or if the probe fails).
 
     Asked in a separate process: a broken driver cannot take the caller down, and the
     caller does not load pycolmap (whose fatal-signal handlers would replace its own)."""
@@ -23,6 +44,14 @@ def cuda_device_count() -> int:
         out = subprocess.run(
             [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120
         )
-        return max(0, int(out.stdout.strip().splitlines()[-1])) if out.returncode == 0 else 0
+        if out.returncode != 0:
+            return CudaSupport(built=False, devices=0)
+        built, devices = (int(x) for x in out.stdout.strip().splitlines()[-1].split())
+        return CudaSupport(built=bool(built), devices=max(0, devices))
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return 0
+        return CudaSupport(built=False, devices=0)
+
+
+def cuda_device_count() -> int:
+    """CUDA devices pycolmap can use (0 with the CPU build or without a GPU)."""
+    return cuda_support().devices

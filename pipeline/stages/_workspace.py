@@ -15,27 +15,13 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from pipeline.context import StageContext, StageResult
-from pipeline.errors import PermanentError
-from pipeline.presets import Preset, preset
 
 METRICS = "metrics.json"
-
-
-def num_threads(ctx: StageContext) -> int:
-    """Worker threads for this stage: ctx.threads, or every core this process may use."""
-    if ctx.threads and ctx.threads > 0:
-        return ctx.threads
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def finished(ctx: StageContext, name: str) -> StageResult | None:
@@ -61,14 +47,6 @@ def read_metrics(workspace: Path, name: str) -> dict[str, Any]:
         out.setdefault("device", data.get("device"))
         return out
     return data if isinstance(data, dict) else {}
-
-
-def require(ctx: StageContext, by: str, stage: str, *parts: str) -> Path:
-    """The path of an earlier stage's output; PermanentError if it is missing."""
-    path = ctx.stage_dir(stage).joinpath(*parts)
-    if not path.exists():
-        raise PermanentError(f"{path} is missing", hint=f"the {stage} stage must finish first")
-    return path
 
 
 @contextlib.contextmanager
@@ -145,22 +123,6 @@ def fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return round(time.perf_counter() - self.start, 3)
-
-
-def stage_preset(ctx: StageContext) -> Preset:
-    """The job's quality preset with its [options] overrides (unknown keys ignored)."""
-    names = {f.name for f in fields(Preset)}
-    options = {k: v for k, v in (ctx.spec.options or {}).items() if k in names}
-    return preset(ctx.spec.quality, options)
 
 
 def remove_stage_outputs(workspace: Path, stage: str) -> None:

@@ -16,18 +16,17 @@ from scipy.spatial import cKDTree
 
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import PermanentError
-from pipeline.stages._workspace import (
+from pipeline.stages._common import (
+    COLOURED_MESH,
+    FUSED_CLOUD,
+    MESH,
     Timer,
-    building,
-    finished,
-    num_threads,
-    read_metrics,
-    record,
     require,
+    thread_count,
 )
+from pipeline.stages._workspace import building, finished, read_metrics, record
 
-STAGE = "color"
-MESH = "mesh.ply"
+NAME = "color"
 NEIGHBOURS = 8
 CHUNK = 200_000  # vertices per query, between cancel checks
 
@@ -64,13 +63,13 @@ def vertex_colours(
 
 
 def run(ctx: StageContext) -> StageResult:
-    done = finished(ctx, STAGE)
+    done = finished(ctx, NAME)
     if done is not None:
         return done
-    mesh_path = require(ctx, STAGE, "meshing", "mesh.ply")
-    fused = require(ctx, STAGE, "fusion", "fused.ply")
+    mesh_path = require(ctx, MESH)
+    fused = require(ctx, FUSED_CLOUD)
     timer = Timer()
-    device = str(read_metrics(ctx.workspace, "meshing").get("device") or "cpu")
+    device = str(read_metrics(ctx.workspace, MESH[0]).get("device") or "cpu")
     mesh = o3d.io.read_triangle_mesh(mesh_path)
     cloud = o3d.io.read_point_cloud(fused)
     if len(mesh.vertices) == 0:
@@ -82,14 +81,15 @@ def run(ctx: StageContext) -> StageResult:
         np.asarray(cloud.points),
         np.asarray(cloud.colors),
         ctx,
-        num_threads(ctx),
+        thread_count(ctx),
     )
     mesh.vertex_colors = o3d.utility.Vector3dVector(colours)
     if not mesh.has_vertex_normals():
         mesh.compute_vertex_normals()
-    with building(ctx, STAGE) as out:
-        if not o3d.io.write_triangle_mesh(out / MESH, mesh, write_ascii=False):
-            raise OSError(f"could not write {out / MESH}")
+    with building(ctx, NAME) as out:
+        path = out / COLOURED_MESH[-1]
+        if not o3d.io.write_triangle_mesh(path, mesh, write_ascii=False):
+            raise OSError(f"could not write {path}")
         metrics: dict[str, Any] = {
             "vertices": len(mesh.vertices),
             "faces": len(mesh.triangles),

@@ -31,14 +31,8 @@ from PIL import Image
 from pipeline.context import FORMATS, Export, StageContext, StageResult
 from pipeline.errors import PermanentError
 from pipeline.stages import STAGES
-from pipeline.stages._workspace import (
-    Timer,
-    building,
-    publish_bytes,
-    read_metrics,
-    record,
-    require,
-)
+from pipeline.stages._common import COLOURED_MESH, Timer, require
+from pipeline.stages._workspace import building, publish_bytes, read_metrics, record
 
 STAGE = "export"
 PREVIEW_SIZE = (800, 600)
@@ -222,7 +216,7 @@ def build_report(ctx: StageContext, mesh: trimesh.Trimesh, exports: list[Export]
 
 
 def run(ctx: StageContext) -> StageResult:
-    coloured = require(ctx, STAGE, "color", "mesh.ply")
+    coloured = require(ctx, COLOURED_MESH)
     timer = Timer()
     formats = [f for f in dict.fromkeys(ctx.spec.formats)]
     unknown = [f for f in formats if f not in FORMATS]

@@ -21,22 +21,18 @@ from typing import Any
 import pycolmap
 
 from pipeline.context import StageContext, StageResult
-from pipeline.stages._sparse import (
+from pipeline.stages._common import (
     FEATURES_DB,
     INGEST_IMAGES,
+    Timer,
     call_cancellable,
-    device,
-    num_threads,
+    colmap_device,
     read_image_list,
     require,
-)
-from pipeline.stages._workspace import (
-    Timer,
-    building,
-    finished,
-    record,
     stage_preset,
+    thread_count,
 )
+from pipeline.stages._workspace import building, finished, record
 
 NAME = "features"
 BATCH = 8  # images per extraction call
@@ -64,13 +60,13 @@ def run(ctx: StageContext) -> StageResult:
     if done is not None:
         return done
     timer = Timer()
-    images = read_image_list(ctx, NAME)
-    image_dir = require(ctx, NAME, INGEST_IMAGES)
+    images = read_image_list(ctx)
+    image_dir = require(ctx, INGEST_IMAGES)
     settings = stage_preset(ctx)
-    dev, dev_name = device(ctx)
+    dev, dev_name = colmap_device(ctx)
 
     extraction = pycolmap.FeatureExtractionOptions()
-    extraction.num_threads = num_threads(ctx)
+    extraction.num_threads = thread_count(ctx)
     extraction.max_image_size = settings.max_image_size if settings.max_image_size > 0 else -1
     extraction.sift.max_num_features = settings.max_num_features
 

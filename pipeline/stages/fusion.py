@@ -7,79 +7,29 @@ is a PermanentError: Poisson meshing crashes on an empty cloud, so it is never r
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open3d as o3d
 import pycolmap
 
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import Cancelled, PermanentError, TransientError
-from pipeline.stages._workspace import (
+from pipeline.stages._common import (
+    FUSED_CLOUD,
+    STEREO_WORKSPACE,
     Timer,
-    building,
-    finished,
-    num_threads,
-    read_metrics,
-    record,
+    call_cancellable,
     require,
+    thread_count,
 )
+from pipeline.stages._workspace import building, finished, read_metrics, record
 
-STAGE = "fusion"
-FUSED = "fused.ply"
+NAME = "fusion"
 MIN_POINTS = 1000  # fewer fused points than this cannot make a useful mesh
 SGBM_MIN_NUM_PIXELS = 3  # views a fused point needs (depth maps from pair matching)
 SGBM_MAX_NORMAL_ERROR = 20.0  # degrees
-
-
-_PLY_TYPES = {
-    "char": "i1", "uchar": "u1", "short": "<i2", "ushort": "<u2", "int": "<i4",
-    "uint": "<u4", "float": "<f4", "double": "<f8",
-    "int8": "i1", "uint8": "u1", "int16": "<i2", "uint16": "<u2", "int32": "<i4",
-    "uint32": "<u4", "float32": "<f4", "float64": "<f8",
-}  # fmt: skip
-
-
-def read_ply_points(path: Path) -> np.ndarray:
-    """The vertex positions (n, 3) of a binary little-endian PLY point cloud, as COLMAP's
-    fusion writes it, read with numpy (no open3d import: this stage's process starts
-    faster). Other PLY flavours go through open3d."""
-    with open(path, "rb") as fh:
-        header: list[str] = []
-        while True:
-            raw = fh.readline()
-            if not raw:
-                break
-            header.append(raw.decode("ascii", "replace").strip())
-            if header[-1] == "end_header":
-                break
-        fields: list[tuple[str, str]] = []
-        count, only_vertices, element = 0, True, ""
-        for line in header:
-            parts = line.split()
-            if parts[:1] == ["element"]:
-                element = parts[1]
-                if element == "vertex":
-                    count = int(parts[2])
-                elif int(parts[2]) > 0:
-                    only_vertices = False
-            elif parts[:1] == ["property"] and element == "vertex":
-                if parts[1] == "list" or parts[1] not in _PLY_TYPES:
-                    only_vertices = False
-                else:
-                    fields.append((parts[2], _PLY_TYPES[parts[1]]))
-        names = {name for name, _ in fields}
-        if (
-            "format binary_little_endian 1.0" in header
-            and only_vertices
-            and {"x", "y", "z"} <= names
-        ):
-            data = np.fromfile(fh, dtype=np.dtype(fields), count=count)
-            return np.stack([data["x"], data["y"], data["z"]], axis=-1).astype(np.float64)
-    import open3d as o3d
-
-    return np.asarray(o3d.io.read_point_cloud(path).points)
 
 
 def fusion_options(engine: str, threads: int) -> pycolmap.StereoFusionOptions:
@@ -98,56 +48,51 @@ def fusion_options(engine: str, threads: int) -> pycolmap.StereoFusionOptions:
     return options
 
 
-def _fuse(
-    ctx: StageContext, workspace: Path, options: pycolmap.StereoFusionOptions
-) -> pycolmap.Reconstruction:
-    """stereo_fusion on a helper thread, so a cancel can stop it."""
-    token = pycolmap.CancellationToken()
-    box: dict[str, Any] = {}
+def fuse(
+    ctx: StageContext, dense_workspace: Path, out: Path, options: pycolmap.StereoFusionOptions
+) -> None:
+    """stereo_fusion of a COLMAP dense workspace into `out` (a PLY file); a cancel stops it."""
 
-    def target() -> None:
-        try:
-            box["rec"] = pycolmap.stereo_fusion(
-                str(workspace / FUSED),
-                str(ctx.stage_dir("stereo")),
-                workspace_format="COLMAP",
-                input_type="geometric",
-                options=options,
-                output_type="PLY",
-                cancellation_token=token,
-            )
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-            box["error"] = exc
+    def fusion(token: pycolmap.CancellationToken) -> None:
+        pycolmap.stereo_fusion(
+            str(out),
+            str(dense_workspace),
+            workspace_format="COLMAP",
+            input_type="geometric",
+            options=options,
+            output_type="PLY",
+            cancellation_token=token,
+        )
 
-    thread = threading.Thread(target=target, name="stereo-fusion", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.5)
-        if ctx.cancelled():
-            token.cancel()
-            thread.join()
-            raise Cancelled()
-    if "error" in box:
-        exc = box["error"]
+    try:
+        call_cancellable(ctx, fusion, interval=0.5)
+    except Cancelled:
+        raise
+    except Exception as exc:
         raise TransientError(f"stereo fusion failed: {exc}") from exc
-    rec: pycolmap.Reconstruction = box["rec"]
-    return rec
+
+
+def read_points(path: Path) -> np.ndarray:
+    """The positions (n, 3) of a PLY point cloud; none if the file is missing."""
+    if not path.is_file():
+        return np.zeros((0, 3))
+    return np.asarray(o3d.io.read_point_cloud(path).points)
 
 
 def run(ctx: StageContext) -> StageResult:
-    done = finished(ctx, STAGE)
+    done = finished(ctx, NAME)
     if done is not None:
         return done
-    require(ctx, STAGE, "stereo", "metrics.json")
+    dense_workspace = require(ctx, STEREO_WORKSPACE)
     timer = Timer()
-    stereo = read_metrics(ctx.workspace, "stereo")
+    stereo = read_metrics(ctx.workspace, STEREO_WORKSPACE[0])
     device = str(stereo.get("device") or "cpu")
     ctx.progress(0.0, "fusing depth maps")
-    with building(ctx, STAGE) as out:
-        options = fusion_options(str(stereo.get("engine", "")), num_threads(ctx))
-        _fuse(ctx, out, options)
-        ply = out / FUSED
-        pts = read_ply_points(ply) if ply.is_file() else np.zeros((0, 3))
+    with building(ctx, NAME) as out:
+        options = fusion_options(str(stereo.get("engine", "")), thread_count(ctx))
+        fused = out / FUSED_CLOUD[-1]
+        fuse(ctx, dense_workspace, fused, options)
+        pts = read_points(fused)
         n = len(pts)
         if n < MIN_POINTS:
             raise PermanentError(

@@ -17,7 +17,6 @@ An unreadable, truncated or unsupported image is a PermanentError naming the fil
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import threading
@@ -30,14 +29,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import PermanentError
-from pipeline.stages._workspace import (
-    Timer,
-    building,
-    finished,
-    record,
-    stage_preset,
-    write_json,
-)
+from pipeline.stages._common import Timer, stage_preset, thread_count
+from pipeline.stages._workspace import building, finished, record, write_json
 
 NAME = "ingest"
 MIN_IMAGES = 3
@@ -91,7 +84,7 @@ def run(ctx: StageContext) -> StageResult:
                 return f"{path.name}: {exc}"
 
         # decoding, resizing and encoding release the GIL: one image per core at a time
-        pool = ThreadPoolExecutor(max_workers=_workers(ctx))
+        pool = ThreadPoolExecutor(max_workers=thread_count(ctx))
         try:
             outcomes = pool.map(one, zip(files, names, strict=True))
             for i, (path, out) in enumerate(zip(files, outcomes, strict=True)):
@@ -131,12 +124,6 @@ def run(ctx: StageContext) -> StageResult:
 
 class _BadImage(Exception):
     pass
-
-
-def _workers(ctx: StageContext) -> int:
-    if ctx.threads and ctx.threads > 0:
-        return ctx.threads
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 def _list_images(folder: Path) -> tuple[list[Path], list[str]]:

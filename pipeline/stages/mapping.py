@@ -18,28 +18,28 @@ the user can do.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pycolmap
 
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import PermanentError
-from pipeline.stages._sparse import (
+from pipeline.presets import Preset
+from pipeline.stages._common import (
     INGEST_IMAGES,
+    MAPPING_MODEL,
     MATCHING_DB,
     RANDOM_SEED,
-    call_cancellable,
-    device,
-    num_threads,
-    require,
-)
-from pipeline.stages._workspace import (
     Timer,
-    building,
-    finished,
-    record,
+    call_cancellable,
+    choose_device,
+    require,
     stage_preset,
+    thread_count,
 )
+from pipeline.stages._workspace import building, finished, record
 
 NAME = "mapping"
 MIN_REGISTERED = 3
@@ -56,15 +56,100 @@ def incremental_options(
 ) -> pycolmap.IncrementalPipelineOptions:
     options = pycolmap.IncrementalPipelineOptions()
     options.ba_refine_extra_params = refine_distortion
-    options.num_threads = num_threads(ctx)
+    options.num_threads = thread_count(ctx)
     options.min_num_matches = 8
     options.mapper.abs_pose_min_num_inliers = 12
     options.mapper.abs_pose_min_inlier_ratio = 0.15
-    options.mapper.num_threads = num_threads(ctx)
+    options.mapper.num_threads = thread_count(ctx)
     options.min_model_size = 3
     options.extract_colors = True
     options.random_seed = RANDOM_SEED
     return options
+
+
+Models = dict[int, pycolmap.Reconstruction]
+
+
+@dataclass
+class Mapped:
+    """The models of one mapping run and the one that places the most photos."""
+
+    models: Models
+    best: pycolmap.Reconstruction | None
+    distortion: str  # refined | fixed
+
+    @property
+    def registered(self) -> int:
+        return self.best.num_reg_images() if self.best is not None else 0
+
+
+def map_images(
+    ctx: StageContext, settings: Preset, db_path: Path, image_dir: Path, folder: Path, total: int
+) -> Mapped:
+    """Camera poses and sparse points, written below `folder`: with the preset's mapper,
+    and for incremental mapping once more with the lens distortion held at zero if some
+    photos stay out (the run that places more photos wins)."""
+    if settings.mapper == "global":
+        return _largest(_global(ctx, db_path, image_dir, _scratch(folder, "models"), total))
+    mapped = _largest(_incremental(ctx, db_path, image_dir, _scratch(folder, "models"), total))
+    if mapped.registered >= total:
+        return mapped
+    # Short or nearly straight camera paths leave lens distortion unobservable: refining
+    # it lets it drift until COLMAP rejects the camera as bogus and stops registering
+    # images. Hold it at zero and keep whichever model places more photos.
+    retry_dir = _scratch(folder, "models-fixed-distortion")
+    fixed = _largest(
+        _incremental(ctx, db_path, image_dir, retry_dir, total, refine_distortion=False), "fixed"
+    )
+    if fixed.registered <= mapped.registered:
+        return mapped
+    ctx.log.info(
+        "mapping: %d of %d images placed with lens distortion held at zero (%d with it refined)",
+        fixed.registered,
+        total,
+        mapped.registered,
+    )
+    return fixed
+
+
+def _scratch(folder: Path, name: str) -> Path:
+    path = folder / name
+    path.mkdir()
+    return path
+
+
+def _largest(models: Models, distortion: str = "refined") -> Mapped:
+    best = max(models.values(), key=lambda r: r.num_reg_images(), default=None)
+    return Mapped(models, best, distortion)
+
+
+def model_metrics(best: pycolmap.Reconstruction, all_names: list[str]) -> dict[str, Any]:
+    """What the published model looks like, for the ledger and report.json."""
+    registered = {image.name for image in best.images.values() if image.has_pose}
+    cameras = [
+        {"camera_id": int(cid), "model": cam.model.name, "params": cam.params.tolist()}
+        for cid, cam in best.cameras.items()
+    ]
+    return {
+        "registered": best.num_reg_images(),
+        "total": len(all_names),
+        "unregistered": [name for name in all_names if name not in registered][:50],
+        "points": best.num_points3D(),
+        "mean_reprojection_error": round(float(best.compute_mean_reprojection_error()), 4),
+        "mean_track_length": round(float(best.compute_mean_track_length()), 3),
+        "mean_observations_per_image": round(
+            float(best.compute_mean_observations_per_reg_image()), 1
+        ),
+        "cameras": cameras[:10],
+    }
+
+
+def image_names(db_path: Path) -> list[str]:
+    db = pycolmap.Database.open(db_path)
+    try:
+        return sorted(image.name for image in db.read_all_images())
+    finally:
+        db.close()
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -72,88 +157,33 @@ def run(ctx: StageContext) -> StageResult:
     if done is not None:
         return done
     timer = Timer()
-    db_path = require(ctx, NAME, MATCHING_DB)
-    image_dir = require(ctx, NAME, INGEST_IMAGES)
+    db_path = require(ctx, MATCHING_DB)
+    image_dir = require(ctx, INGEST_IMAGES)
     settings = stage_preset(ctx)
-
-    db = pycolmap.Database.open(db_path)
-    try:
-        total = db.num_images()
-    finally:
-        db.close()
-
+    all_names = image_names(db_path)
+    total = len(all_names)
     with building(ctx, NAME) as tmp:
-        models_dir = tmp / "models"
-        models_dir.mkdir()
-        distortion = "refined"
-        if settings.mapper == "global":
-            models = _global(ctx, db_path, image_dir, models_dir, total)
-        else:
-            models = _incremental(ctx, db_path, image_dir, models_dir, total)
-        best = max(models.values(), key=lambda r: r.num_reg_images(), default=None)
-        registered = best.num_reg_images() if best is not None else 0
-        if settings.mapper != "global" and registered < total:
-            # Short or nearly straight camera paths leave lens distortion unobservable:
-            # refining it lets it drift until COLMAP rejects the camera as bogus and
-            # stops registering images. Hold it at zero and keep whichever model places
-            # more photos.
-            retry_dir = tmp / "models-fixed-distortion"
-            retry_dir.mkdir()
-            fixed = _incremental(ctx, db_path, image_dir, retry_dir, total, refine_distortion=False)
-            fixed_best = max(fixed.values(), key=lambda r: r.num_reg_images(), default=None)
-            if fixed_best is not None and fixed_best.num_reg_images() > registered:
-                ctx.log.info(
-                    "mapping: %d of %d images placed with lens distortion held at zero "
-                    "(%d with it refined)",
-                    fixed_best.num_reg_images(),
-                    total,
-                    registered,
-                )
-                models, best, distortion = fixed, fixed_best, "fixed"
-                registered = fixed_best.num_reg_images()
+        mapped = map_images(ctx, settings, db_path, image_dir, tmp, total)
+        registered = mapped.registered
         if registered < MIN_REGISTERED or registered < MIN_REGISTERED_FRACTION * total:
             raise PermanentError(
-                f"only {registered} of {total} images could be placed in one model",
-                hint=HINT,
+                f"only {registered} of {total} images could be placed in one model", hint=HINT
             )
-        assert best is not None
-        sparse = tmp / "sparse" / "0"
+        assert mapped.best is not None
+        sparse = tmp.joinpath(*MAPPING_MODEL[1:])
         sparse.mkdir(parents=True)
-        best.write(sparse)
-        best.export_PLY(tmp / "points.ply")
+        mapped.best.write(sparse)
+        mapped.best.export_PLY(tmp / "points.ply")
         for scratch in tmp.glob("models*"):
             shutil.rmtree(scratch)
-
-        registered_names = {image.name for image in best.images.values() if image.has_pose}
-        db = pycolmap.Database.open(db_path)
-        try:
-            all_names = sorted(image.name for image in db.read_all_images())
-        finally:
-            db.close()
-        missing = [name for name in all_names if name not in registered_names]
-        cameras = [
-            {"camera_id": int(cid), "model": cam.model.name, "params": cam.params.tolist()}
-            for cid, cam in best.cameras.items()
-        ]
-        result = StageResult(
-            metrics={
-                "mapper": settings.mapper,
-                "distortion": distortion,
-                "registered": registered,
-                "total": total,
-                "unregistered": missing[:50],
-                "models": len(models),
-                "points": best.num_points3D(),
-                "mean_reprojection_error": round(float(best.compute_mean_reprojection_error()), 4),
-                "mean_track_length": round(float(best.compute_mean_track_length()), 3),
-                "mean_observations_per_image": round(
-                    float(best.compute_mean_observations_per_reg_image()), 1
-                ),
-                "cameras": cameras[:10],
-                "seconds": timer.seconds,
-            }
-        )
-        record(tmp, result)
+        metrics = {
+            "mapper": settings.mapper,
+            "distortion": mapped.distortion,
+            "models": len(mapped.models),
+            **model_metrics(mapped.best, all_names),
+            "seconds": timer.seconds,
+        }
+        result = record(tmp, StageResult(metrics=metrics))
     ctx.progress(1.0, f"registered {registered}/{total} images")
     return result
 
@@ -166,7 +196,7 @@ def _incremental(
     total: int,
     *,
     refine_distortion: bool = True,
-) -> dict[int, pycolmap.Reconstruction]:
+) -> Models:
     options = incremental_options(ctx, refine_distortion=refine_distortion)
     count = {"registered": 0, "reported": -1}
 
@@ -182,7 +212,7 @@ def _incremental(
             count["reported"] = n
             ctx.progress(0.95 * n / max(1, total), f"registered {n}/{total} images")
 
-    def mapping(token: pycolmap.CancellationToken) -> dict[int, pycolmap.Reconstruction]:
+    def mapping(token: pycolmap.CancellationToken) -> Models:
         return pycolmap.incremental_mapping(
             db_path,
             image_dir,
@@ -196,19 +226,17 @@ def _incremental(
     return call_cancellable(ctx, mapping, poll=poll)
 
 
-def _global(
-    ctx: StageContext, db_path: Path, image_dir: Path, out: Path, total: int
-) -> dict[int, pycolmap.Reconstruction]:
+def _global(ctx: StageContext, db_path: Path, image_dir: Path, out: Path, total: int) -> Models:
     options = pycolmap.GlobalPipelineOptions()
     options.random_seed = RANDOM_SEED
-    options.mapper.num_threads = num_threads(ctx)
-    _, dev_name = device(ctx)
-    if dev_name == "cpu":  # no CUDA: ask for the CPU solvers instead of falling back
+    options.mapper.num_threads = thread_count(ctx)
+    if choose_device(ctx.device) == "cpu":
+        # no CUDA: ask for the CPU solvers instead of falling back
         options.mapper.global_positioning.use_gpu = False
         options.mapper.bundle_adjustment.ceres.use_gpu = False
     ctx.progress(0.05, f"global mapping of {total} images")
 
-    def mapping(token: pycolmap.CancellationToken) -> dict[int, pycolmap.Reconstruction]:
+    def mapping(token: pycolmap.CancellationToken) -> Models:
         # global mapping takes no cancellation token: a cancel leaves the call running
         # until the stage's process exits
         return pycolmap.global_mapping(db_path, image_dir, out, options=options)

@@ -29,6 +29,8 @@ first pass misses on hard pairs, at ~2.5x the CPU time.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,21 +38,19 @@ import pycolmap
 
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import PermanentError
-from pipeline.stages._sparse import (
+from pipeline.presets import Preset
+from pipeline.stages._common import (
     FEATURES_DB,
+    MATCHING_DB,
     RANDOM_SEED,
-    call_cancellable,
-    device,
-    num_threads,
-    require,
-)
-from pipeline.stages._workspace import (
     Timer,
-    building,
-    finished,
-    record,
+    call_cancellable,
+    colmap_device,
+    require,
     stage_preset,
+    thread_count,
 )
+from pipeline.stages._workspace import building, finished, record
 
 NAME = "matching"
 EXHAUSTIVE_MAX = 60  # images; above this exhaustive matching stops scaling on a CPU
@@ -145,85 +145,132 @@ def retrieval_pairs(db_path: Path, tree: Path, threads: int) -> list[tuple[str, 
     return sorted((a, b) for a, b in pairs)
 
 
+@dataclass
+class Pairs:
+    """The pairs to match and how they were chosen."""
+
+    images: int
+    matcher: str
+    pairs: list[tuple[str, str]]
+    tree_words: int | None = None  # visual words of the vocabulary tree, if one was built
+    notes: list[str] = field(default_factory=list)
+
+
+def select_pairs(ctx: StageContext, requested: str, db_path: Path, folder: Path) -> Pairs:
+    """The image pairs to match, for the preset's `matcher`; a vocabulary tree, if one is
+    needed, is built in `folder`."""
+    names = image_names(db_path)
+    chosen = Pairs(len(names), choose_matcher(requested, len(names)), pairs=[])
+    if requested == "spatial":
+        chosen.notes.append(
+            f"matcher 'spatial' needs GPS priors, which are not read; used {chosen.matcher}"
+        )
+        ctx.log.warning("matching: %s", chosen.notes[-1])
+    if chosen.matcher != "vocabtree":
+        chosen.pairs = make_pairs(names, chosen.matcher)
+    if "vocabtree" in chosen.matcher:
+        threads = thread_count(ctx)
+        ctx.progress(0.0, "building a vocabulary tree from the photos' features")
+        tree = folder / "vocab_tree.bin"
+        chosen.tree_words = call_cancellable(
+            ctx,
+            lambda _token: build_vocab_tree(db_path, tree, threads),
+            abandon_on_cancel=True,  # k-means cannot be interrupted
+        )
+        ctx.progress(0.0, f"retrieving the {RETRIEVED} most similar photos of each")
+        retrieved = call_cancellable(
+            ctx,
+            lambda _token: retrieval_pairs(db_path, tree, threads),
+            abandon_on_cancel=True,
+        )
+        chosen.pairs = sorted(set(chosen.pairs) | set(retrieved))
+    return chosen
+
+
+def match_pairs(
+    ctx: StageContext,
+    settings: Preset,
+    db_path: Path,
+    pairs: list[tuple[str, str]],
+    dev: pycolmap.Device,
+) -> None:
+    """Match and verify `pairs` into the database, in blocks (real progress, and a cancel
+    stops within one block)."""
+    matching = matching_options(ctx, settings)
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.ransac.random_seed = RANDOM_SEED
+    block_file = db_path.parent / "block.txt"
+    matched = 0
+    step = max(MIN_BLOCK, -(-len(pairs) // 20))
+    for start in range(0, len(pairs), step):
+        block = pairs[start : start + step]
+        _write_pairs(block_file, block)
+        pairing = pycolmap.ImportedPairingOptions()
+        pairing.match_list_path = block_file
+        call_cancellable(ctx, partial(_match, db_path, matching, pairing, verification, dev))
+        matched += len(block)
+        ctx.progress(matched / max(1, len(pairs)), f"matched {matched}/{len(pairs)} pairs")
+    block_file.unlink(missing_ok=True)
+
+
+def _match(
+    db_path: Path,
+    matching: pycolmap.FeatureMatchingOptions,
+    pairing: pycolmap.ImportedPairingOptions,
+    verification: pycolmap.TwoViewGeometryOptions,
+    dev: pycolmap.Device,
+    token: pycolmap.CancellationToken,
+) -> None:
+    pycolmap.match_image_pairs(
+        db_path,
+        matching_options=matching,
+        pairing_options=pairing,
+        verification_options=verification,
+        device=dev,
+        cancellation_token=token,
+    )
+
+
+def matching_options(ctx: StageContext, settings: Preset) -> pycolmap.FeatureMatchingOptions:
+    options = pycolmap.FeatureMatchingOptions()
+    options.num_threads = thread_count(ctx)
+    options.guided_matching = settings.guided_matching == "on"
+    return options
+
+
+def image_names(db_path: Path) -> list[str]:
+    db = pycolmap.Database.open(db_path)
+    try:
+        return [image.name for image in db.read_all_images()]
+    finally:
+        db.close()
+
+
+def count_verified(db_path: Path) -> int:
+    """Pairs whose verified geometry has inliers."""
+    db = pycolmap.Database.open(db_path)
+    try:
+        _pair_ids, geometries = db.read_two_view_geometries()
+    finally:
+        db.close()
+    return sum(1 for g in geometries if len(g.inlier_matches) > 0)
+
+
 def run(ctx: StageContext) -> StageResult:
     done = finished(ctx, NAME)
     if done is not None:
         return done
     timer = Timer()
-    source_db = require(ctx, NAME, FEATURES_DB)
+    source_db = require(ctx, FEATURES_DB)
     settings = stage_preset(ctx)
-    dev, dev_name = device(ctx)
-
+    dev, dev_name = colmap_device(ctx)
     with building(ctx, NAME) as tmp:
-        db_path = tmp / "database.db"
+        db_path = tmp / MATCHING_DB[-1]
         shutil.copyfile(source_db, db_path)
-        db = pycolmap.Database.open(db_path)
-        try:
-            names = [image.name for image in db.read_all_images()]
-        finally:
-            db.close()
-        matcher = choose_matcher(settings.matcher, len(names))
-        notes = []
-        if settings.matcher == "spatial":
-            notes.append(f"matcher 'spatial' needs GPS priors, which are not read; used {matcher}")
-            ctx.log.warning("matching: %s", notes[-1])
-        pairs = make_pairs(names, matcher) if matcher != "vocabtree" else []
-        tree_words = None
-        if "vocabtree" in matcher:
-            ctx.progress(0.0, "building a vocabulary tree from the photos' features")
-            tree = tmp / "vocab_tree.bin"
-            tree_words = call_cancellable(
-                ctx,
-                lambda _token: build_vocab_tree(db_path, tree, num_threads(ctx)),
-                abandon_on_cancel=True,  # k-means cannot be interrupted
-            )
-            ctx.progress(0.0, f"retrieving the {RETRIEVED} most similar photos of each")
-            retrieved = call_cancellable(
-                ctx,
-                lambda _token: retrieval_pairs(db_path, tree, num_threads(ctx)),
-                abandon_on_cancel=True,
-            )
-            pairs = sorted(set(pairs) | set(retrieved))
-        _write_pairs(tmp / "pairs.txt", pairs)
-
-        matching = pycolmap.FeatureMatchingOptions()
-        matching.num_threads = num_threads(ctx)
-        matching.guided_matching = settings.guided_matching == "on"
-        verification = pycolmap.TwoViewGeometryOptions()
-        verification.ransac.random_seed = RANDOM_SEED
-
-        block_file = tmp / "block.txt"
-        matched = 0
-        step = max(MIN_BLOCK, -(-len(pairs) // 20))
-        for start in range(0, len(pairs), step):
-            block = pairs[start : start + step]
-            _write_pairs(block_file, block)
-            pairing = pycolmap.ImportedPairingOptions()
-            pairing.match_list_path = block_file
-
-            def match(
-                token: pycolmap.CancellationToken,
-                pairing: pycolmap.ImportedPairingOptions = pairing,
-            ) -> None:
-                pycolmap.match_image_pairs(
-                    db_path,
-                    matching_options=matching,
-                    pairing_options=pairing,
-                    verification_options=verification,
-                    device=dev,
-                    cancellation_token=token,
-                )
-
-            call_cancellable(ctx, match)
-            matched += len(block)
-            ctx.progress(matched / max(1, len(pairs)), f"matched {matched}/{len(pairs)} pairs")
-        block_file.unlink(missing_ok=True)
-
-        db = pycolmap.Database.open(db_path)
-        try:
-            verified = _count_verified(db)
-        finally:
-            db.close()
+        chosen = select_pairs(ctx, settings.matcher, db_path, tmp)
+        _write_pairs(tmp / "pairs.txt", chosen.pairs)
+        match_pairs(ctx, settings, db_path, chosen.pairs, dev)
+        verified = count_verified(db_path)
         if verified == 0:
             raise PermanentError(
                 "no two photos could be matched",
@@ -232,25 +279,19 @@ def run(ctx: StageContext) -> StageResult:
             )
         result = StageResult(
             metrics={
-                "matcher": matcher,
-                "images": len(names),
-                "pairs": len(pairs),
+                "matcher": chosen.matcher,
+                "images": chosen.images,
+                "pairs": len(chosen.pairs),
                 "verified_pairs": verified,
-                "vocab_tree_words": tree_words,
-                "guided_matching": matching.guided_matching,
-                "notes": notes,
+                "vocab_tree_words": chosen.tree_words,
+                "guided_matching": settings.guided_matching == "on",
+                "notes": chosen.notes,
                 "seconds": timer.seconds,
             },
             device=dev_name,
         )
         record(tmp, result)
     return result
-
-
-def _count_verified(db: pycolmap.Database) -> int:
-    """Pairs whose verified geometry has inliers."""
-    _pair_ids, geometries = db.read_two_view_geometries()
-    return sum(1 for g in geometries if len(g.inlier_matches) > 0)
 
 
 def _write_pairs(path: Path, pairs: list[tuple[str, str]]) -> None:

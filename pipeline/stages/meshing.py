@@ -22,19 +22,17 @@ from scipy.spatial import cKDTree
 
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import PermanentError
-from pipeline.stages._workspace import (
+from pipeline.stages._common import (
+    FUSED_CLOUD,
+    MESH,
     Timer,
-    building,
-    finished,
-    num_threads,
-    read_metrics,
-    record,
     require,
     stage_preset,
+    thread_count,
 )
+from pipeline.stages._workspace import building, finished, read_metrics, record
 
-STAGE = "meshing"
-MESH = "mesh.ply"
+NAME = "meshing"
 DENSITY_QUANTILE = 0.02  # vertices below this density quantile are trimmed
 MAX_GAP_SPACINGS = 6.0  # vertices farther from any fused point than this many point
 MAX_GAP_CELLS = 1.0  # spacings and Poisson cells are trimmed (bridged holes, skirts)
@@ -99,24 +97,24 @@ def trim(
 
 
 def run(ctx: StageContext) -> StageResult:
-    done = finished(ctx, STAGE)
+    done = finished(ctx, NAME)
     if done is not None:
         return done
-    fused = require(ctx, STAGE, "fusion", "fused.ply")
+    fused = require(ctx, FUSED_CLOUD)
     timer = Timer()
     p = stage_preset(ctx)
-    device = str(read_metrics(ctx.workspace, "fusion").get("device") or "cpu")
+    device = str(read_metrics(ctx.workspace, FUSED_CLOUD[0]).get("device") or "cpu")
     cloud = o3d.io.read_point_cloud(fused)
     if len(cloud.points) == 0 or not cloud.has_normals():
         # Poisson crashes on an empty cloud: never call it then
         raise PermanentError("the fused point cloud is empty or has no normals")
     ctx.check_cancelled()
     ctx.progress(0.05, f"Poisson reconstruction (depth {p.poisson_depth})")
-    mesh, densities = poisson(cloud, p.poisson_depth, num_threads(ctx))
+    mesh, densities = poisson(cloud, p.poisson_depth, thread_count(ctx))
     raw_faces = len(mesh.triangles)
     ctx.check_cancelled()
     ctx.progress(0.6, "trimming")
-    mesh = trim(mesh, densities, np.asarray(cloud.points), p.poisson_depth, num_threads(ctx))
+    mesh = trim(mesh, densities, np.asarray(cloud.points), p.poisson_depth, thread_count(ctx))
     trimmed_faces = len(mesh.triangles)
     if trimmed_faces == 0:
         raise PermanentError("nothing was left of the mesh after trimming")
@@ -127,9 +125,10 @@ def run(ctx: StageContext) -> StageResult:
         mesh.remove_unreferenced_vertices()
     mesh.remove_degenerate_triangles()
     mesh.compute_vertex_normals()
-    with building(ctx, STAGE) as out:
-        if not o3d.io.write_triangle_mesh(out / MESH, mesh, write_ascii=False):
-            raise OSError(f"could not write {out / MESH}")
+    with building(ctx, NAME) as out:
+        path = out / MESH[-1]
+        if not o3d.io.write_triangle_mesh(path, mesh, write_ascii=False):
+            raise OSError(f"could not write {path}")
         v = np.asarray(mesh.vertices)
         metrics: dict[str, Any] = {
             "poisson_depth": p.poisson_depth,

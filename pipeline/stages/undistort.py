@@ -15,20 +15,16 @@ from __future__ import annotations
 import pycolmap
 
 from pipeline.context import StageContext, StageResult
-from pipeline.stages._sparse import (
+from pipeline.stages._common import (
     INGEST_IMAGES,
     MAPPING_MODEL,
-    call_cancellable,
-    num_threads,
-    require,
-)
-from pipeline.stages._workspace import (
     Timer,
-    building,
-    finished,
-    record,
+    call_cancellable,
+    require,
     stage_preset,
+    thread_count,
 )
+from pipeline.stages._workspace import building, finished, record
 
 NAME = "undistort"
 NUM_SOURCE_IMAGES = 20  # source images per reference image in patch-match.cfg
@@ -39,8 +35,8 @@ def run(ctx: StageContext) -> StageResult:
     if done is not None:
         return done
     timer = Timer()
-    model_dir = require(ctx, NAME, MAPPING_MODEL)
-    image_dir = require(ctx, NAME, INGEST_IMAGES)
+    model_dir = require(ctx, MAPPING_MODEL)
+    image_dir = require(ctx, INGEST_IMAGES)
     settings = stage_preset(ctx)
 
     options = pycolmap.UndistortCameraOptions()
@@ -58,7 +54,7 @@ def run(ctx: StageContext) -> StageResult:
                 num_patch_match_src_images=NUM_SOURCE_IMAGES,
                 undistort_options=options,
                 jpeg_quality=95,
-                num_threads=num_threads(ctx),
+                num_threads=thread_count(ctx),
                 cancellation_token=token,
             )
 

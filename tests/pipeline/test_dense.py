@@ -24,8 +24,17 @@ from pipeline import (
 )
 from pipeline.devices import cuda_device_count
 from pipeline.evaluate import evaluate, umeyama
-from pipeline.stages import stereo
+from pipeline.stages._common import choose_device
 from pipeline.stages._workspace import read_metrics
+from pipeline.stages.stereo.colmap_files import (
+    prepare_workspace,
+    read_colmap_array,
+    write_colmap_array,
+    write_configs,
+)
+from pipeline.stages.stereo.normals import normals_from_depth, smallest_eigenvectors
+from pipeline.stages.stereo.sgbm import pair_depths
+from pipeline.stages.stereo.views import View
 
 Sparse = tuple[Path, dict[str, StageResult]]
 MakeContext = Callable[..., StageContext]
@@ -99,11 +108,11 @@ def _fscore(workspace: Path, demo_scene: Path) -> dict[str, Any]:
 def test_colmap_array_round_trip(tmp_path: Path) -> None:
     depth = np.random.default_rng(0).random((7, 5)).astype(np.float32)
     normals = np.random.default_rng(1).random((7, 5, 3)).astype(np.float32)
-    stereo.write_colmap_array(tmp_path / "d.bin", depth)
-    stereo.write_colmap_array(tmp_path / "n.bin", normals)
+    write_colmap_array(tmp_path / "d.bin", depth)
+    write_colmap_array(tmp_path / "n.bin", normals)
     assert (tmp_path / "d.bin").read_bytes().startswith(b"5&7&1&")
-    assert np.array_equal(stereo.read_colmap_array(tmp_path / "d.bin"), depth)
-    assert np.array_equal(stereo.read_colmap_array(tmp_path / "n.bin"), normals)
+    assert np.array_equal(read_colmap_array(tmp_path / "d.bin"), depth)
+    assert np.array_equal(read_colmap_array(tmp_path / "n.bin"), normals)
     # COLMAP's layout: whole channels one after another, each row-major
     raw = np.frombuffer((tmp_path / "n.bin").read_bytes()[6:], "<f4")
     assert np.array_equal(raw[:35], normals[:, :, 0].ravel())
@@ -122,8 +131,8 @@ def test_pair_depths_gives_both_views_of_a_plane() -> None:
     points = np.stack([gx.ravel(), gy.ravel(), np.full(gx.size, 5.0)], axis=-1)
     ids = np.arange(len(points), dtype=np.int64)
 
-    def view(index: int, x: float) -> stereo.View:
-        return stereo.View(
+    def view(index: int, x: float) -> View:
+        return View(
             index=index,
             name=f"v{index}",
             K=K,
@@ -136,7 +145,7 @@ def test_pair_depths_gives_both_views_of_a_plane() -> None:
         )
 
     # the source, 0.5 to the right, sees the plane 20 px further left
-    depths = stereo.pair_depths(view(0, 0.0), view(1, 0.5), texture[:, :w], texture[:, shift:])
+    depths = pair_depths(view(0, 0.0), view(1, 0.5), texture[:, :w], texture[:, shift:])
     assert depths is not None
     for depth, unmatched in zip(depths, (np.s_[:, :shift], np.s_[:, w - shift :]), strict=True):
         assert depth.shape == (h, w)
@@ -154,7 +163,7 @@ def test_normals_of_a_plane_face_the_camera() -> None:
     # the plane z = 2 + 0.5 x, seen by a camera at the origin
     x = (uu - 32) / 100
     depth = (2.0 / (1.0 - 0.5 * x)).astype(np.float32)
-    n = stereo.normals_from_depth(depth, K)
+    n = normals_from_depth(depth, K)
     expected = np.array([0.5, 0.0, -1.0]) / np.linalg.norm([0.5, 0.0, -1.0])
     inner = n[5:-5, 5:-5].reshape(-1, 3)
     assert np.allclose(inner, expected, atol=1e-3)
@@ -176,7 +185,7 @@ def test_smallest_eigenvectors_match_lapack() -> None:
     cov[:3] = np.eye(3) * 1e-3  # repeated eigenvalues: any unit vector of the eigenspace
     cov[3:6] = np.einsum("ni,nj->nij", q[3:6, :, 0], q[3:6, :, 0])  # a line
     upper = {(i, j): cov[:, i, j].copy() for i in range(3) for j in range(i, 3)}
-    vec = stereo.smallest_eigenvectors(upper)
+    vec = smallest_eigenvectors(upper)
     assert np.allclose(np.linalg.norm(vec, axis=1), 1.0)
     smallest = np.linalg.eigvalsh(cov)[:, 0]
     rayleigh = np.einsum("ni,nij,nj->n", vec, cov, vec)
@@ -198,12 +207,12 @@ def test_umeyama_recovers_a_similarity() -> None:
 
 
 def test_gpu_request_without_gpu_is_a_permanent_error(tmp_path: Path) -> None:
-    if stereo.cuda_device_count() > 0:
+    if cuda_device_count() > 0:
         pytest.skip("this machine has a CUDA device")
     with pytest.raises(PermanentError, match="device=gpu"):
-        stereo.choose_device("gpu")
-    assert stereo.choose_device("auto") == "cpu"
-    assert stereo.choose_device("cpu") == "cpu"
+        choose_device("gpu")
+    assert choose_device("auto") == "cpu"
+    assert choose_device("cpu") == "cpu"
 
 
 # ---------------------------------------------------------------- failures
@@ -218,15 +227,15 @@ def test_empty_cloud_is_a_permanent_error_not_a_crash(
     images = demo_scene / "images"
     out = workspace / "stereo"
     out.mkdir()
-    stereo._prepare(out)
+    prepare_workspace(out)
     model = pycolmap.Reconstruction(workspace / "undistort" / "sparse")
     names = [model.images[i].name for i in model.reg_image_ids()]
     cam = next(iter(model.cameras.values()))
     for name in names:
         for kind, shape in (("depth_maps", (cam.height, cam.width)), ("normal_maps", None)):
             data = np.zeros(shape or (cam.height, cam.width, 3), np.float32)
-            stereo.write_colmap_array(out / "stereo" / kind / f"{name}.geometric.bin", data)
-    stereo.write_configs(out, names, None)
+            write_colmap_array(out / "stereo" / kind / f"{name}.geometric.bin", data)
+    write_configs(out, names, None)
     (out / "metrics.json").write_text(json.dumps({"metrics": {"engine": "test"}}))
 
     with pytest.raises(PermanentError, match="fused point cloud has 0 points"):

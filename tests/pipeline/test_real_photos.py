@@ -23,7 +23,7 @@ import trimesh
 from PIL import Image
 
 from pipeline import STAGES, JobSpec, StageContext, StageResult, run_stage
-from pipeline.stages.stereo import read_colmap_array
+from pipeline.stages.stereo.colmap_files import read_colmap_array
 
 CASTEL = Path("/usr/share/visp-images-data/ViSP-images/mbt-depth/castel")
 STEP = 2  # every second frame of the 30: 15 photos, a wider baseline between neighbours
