@@ -9,15 +9,14 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline import FORMATS, JobSpec
+from pipeline import FORMATS, IMAGE_SUFFIXES, Format, JobSpec, Method, Quality
 from pipeline.presets import OPTION_CHOICES, OPTION_KEYS
 
 PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 REQUEST_SUFFIXES = {".toml", ".json"}
 # Editors' and browsers' temporary files, and anything hidden.
 _TEMP_RE = re.compile(r"(^\.|^#.*#$|~$|\.(swp|swx|swo|tmp|part|crdownload|partial|bak)$)", re.I)
@@ -42,9 +41,9 @@ class Request(BaseModel):
 
     project: str | None = None
     images: str
-    quality: Literal["low", "medium", "high"] = "medium"
-    method: Literal["poisson"] = "poisson"
-    formats: list[Literal["glb", "ply", "obj"]] = Field(default=["glb"])
+    quality: Quality = "medium"
+    method: Method = "poisson"
+    formats: list[Format] = Field(default=["glb"])
     priority: int = Field(default=0, ge=-1000, le=1000)
     force: bool = False
     options: dict[str, Any] = Field(default_factory=dict)

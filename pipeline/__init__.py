@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from pipeline.context import (
     FORMATS,
+    IMAGE_SUFFIXES,
     METHODS,
     QUALITIES,
     Export,
+    Format,
     JobSpec,
+    Method,
+    Quality,
     StageContext,
     StageResult,
 )
@@ -20,13 +24,17 @@ from pipeline.stages import STAGES, run, run_stage
 
 __all__ = [
     "FORMATS",
+    "IMAGE_SUFFIXES",
     "METHODS",
     "QUALITIES",
     "STAGES",
     "Cancelled",
     "Export",
+    "Format",
     "JobSpec",
+    "Method",
     "PermanentError",
+    "Quality",
     "StageContext",
     "StageError",
     "StageResult",

@@ -6,13 +6,19 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pipeline.errors import Cancelled
 
-QUALITIES = ("low", "medium", "high")
-METHODS = ("poisson",)
-FORMATS = ("glb", "ply", "obj")
+# What a request may ask for: the types (for validation) and their values.
+Quality = Literal["low", "medium", "high"]
+Method = Literal["poisson"]
+Format = Literal["glb", "ply", "obj"]
+QUALITIES: tuple[str, ...] = get_args(Quality)
+METHODS: tuple[str, ...] = get_args(Method)
+FORMATS: tuple[str, ...] = get_args(Format)
+# The photos ingest takes, by file suffix (lower case), and the format it writes them in.
+IMAGE_SUFFIXES: dict[str, str] = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.context import StageContext, StageResult
+from pipeline.context import IMAGE_SUFFIXES, StageContext, StageResult
 from pipeline.errors import PermanentError
 from pipeline.stages._common import Timer, stage_preset, thread_count
 from pipeline.stages._workspace import building, finished, record, write_json
 
 NAME = "ingest"
 MIN_IMAGES = 3
-IMAGE_SUFFIXES = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
 # Image formats we recognise but do not take; the user can convert them.
 OTHER_IMAGE_SUFFIXES = {
     ".tif", ".tiff", ".webp", ".heic", ".heif", ".gif", ".bmp", ".dng", ".cr2", ".nef", ".arw",
