@@ -70,31 +70,10 @@ def run(ctx: StageContext) -> StageResult:
     extraction.max_image_size = settings.max_image_size if settings.max_image_size > 0 else -1
     extraction.sift.max_num_features = settings.max_num_features
 
-    total = len(images)
-    done_count = 0
     with building(ctx, NAME) as tmp:
         db_path = tmp / FEATURES_DB[-1]
-        groups = camera_groups(images)
-        for group in groups:
-            camera_id = _write_camera(db_path, group[0])
-            reader = pycolmap.ImageReaderOptions()
-            reader.existing_camera_id = camera_id
-            names = [image["name"] for image in group]
-            for start in range(0, len(names), BATCH):
-                batch = names[start : start + BATCH]
-
-                call_cancellable(
-                    ctx, partial(_extract, db_path, image_dir, batch, reader, extraction, dev)
-                )
-                done_count += len(batch)
-                ctx.progress(done_count / total, f"extracted features from {done_count}/{total}")
-
-        db = pycolmap.Database.open(db_path)
-        try:
-            keypoints = [db.num_keypoints_for_image(im.image_id) for im in db.read_all_images()]
-            num_images, num_cameras = db.num_images(), db.num_cameras()
-        finally:
-            db.close()
+        extract_all(ctx, db_path, image_dir, images, extraction, dev)
+        num_images, num_cameras, keypoints = database_counts(db_path)
         result = StageResult(
             metrics={
                 "images": num_images,
@@ -109,6 +88,40 @@ def run(ctx: StageContext) -> StageResult:
         )
         record(tmp, result)
     return result
+
+
+def extract_all(
+    ctx: StageContext,
+    db_path: Path,
+    image_dir: Path,
+    images: list[dict[str, Any]],
+    extraction: pycolmap.FeatureExtractionOptions,
+    dev: pycolmap.Device,
+) -> None:
+    """Features of every image into the database, one camera per group, in batches of
+    BATCH images (real progress, and a cancel stops within one batch)."""
+    done = 0
+    for group in camera_groups(images):
+        reader = pycolmap.ImageReaderOptions()
+        reader.existing_camera_id = _write_camera(db_path, group[0])
+        names = [image["name"] for image in group]
+        for start in range(0, len(names), BATCH):
+            batch = names[start : start + BATCH]
+            call_cancellable(
+                ctx, partial(_extract, db_path, image_dir, batch, reader, extraction, dev)
+            )
+            done += len(batch)
+            ctx.progress(done / len(images), f"extracted features from {done}/{len(images)}")
+
+
+def database_counts(db_path: Path) -> tuple[int, int, list[int]]:
+    """Images, cameras, and keypoints per image in a features database."""
+    db = pycolmap.Database.open(db_path)
+    try:
+        keypoints = [db.num_keypoints_for_image(im.image_id) for im in db.read_all_images()]
+        return db.num_images(), db.num_cameras(), keypoints
+    finally:
+        db.close()
 
 
 def _extract(

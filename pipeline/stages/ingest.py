@@ -21,6 +21,7 @@ import re
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.context import IMAGE_SUFFIXES, StageContext, StageResult
 from pipeline.errors import PermanentError
-from pipeline.stages._common import Timer, stage_preset, thread_count
+from pipeline.stages._common import (
+    INGEST_IMAGES,
+    INGEST_LIST,
+    Timer,
+    stage_preset,
+    thread_count,
+)
 from pipeline.stages._workspace import building, finished, record, write_json
 
 NAME = "ingest"
@@ -64,46 +71,11 @@ def run(ctx: StageContext) -> StageResult:
             hint="add more overlapping photos of the object (20 or more work best)",
         )
 
-    records: list[dict[str, Any]] = []
-    bad: list[str] = []
     with building(ctx, NAME) as tmp:
-        out_images = tmp / "images"
+        out_images = tmp / INGEST_IMAGES[-1]
         out_images.mkdir()
-        names = _output_names(files)
-
-        stop = threading.Event()  # set on cancel: images not yet started are skipped
-
-        def one(item: tuple[Path, str]) -> dict[str, Any] | str | None:
-            path, name = item
-            if stop.is_set():
-                return None
-            try:
-                return _ingest_one(path, out_images / name, max_size)
-            except _BadImage as exc:
-                return f"{path.name}: {exc}"
-
-        # decoding, resizing and encoding release the GIL: one image per core at a time
-        pool = ThreadPoolExecutor(max_workers=thread_count(ctx))
-        try:
-            outcomes = pool.map(one, zip(files, names, strict=True))
-            for i, (path, out) in enumerate(zip(files, outcomes, strict=True)):
-                ctx.check_cancelled()
-                if isinstance(out, str):
-                    bad.append(out)
-                    ctx.log.warning("ingest: %s: %s", path, out)
-                elif out is not None:
-                    records.append(out)
-                ctx.progress((i + 1) / len(files), f"checked {i + 1}/{len(files)} images")
-        finally:
-            stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
-        if bad:
-            shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-            raise PermanentError(
-                f"{len(bad)} image(s) cannot be used: {shown}",
-                hint="remove or re-export the named files (JPEG or PNG) and retry",
-            )
-        write_json(tmp / "images.json", {"images": records})
+        records = ingest_all(ctx, files, out_images, max_size)
+        write_json(tmp / INGEST_LIST[-1], {"images": records})
         sizes = {(r["width"], r["height"]) for r in records}
         with_focal = sum(1 for r in records if r["focal_px"] is not None)
         result = StageResult(
@@ -119,6 +91,52 @@ def run(ctx: StageContext) -> StageResult:
         )
         record(tmp, result)
     return result
+
+
+def ingest_all(
+    ctx: StageContext, files: list[Path], out_images: Path, max_size: int
+) -> list[dict[str, Any]]:
+    """Every photo into `out_images`, in parallel, and its record, in order;
+    PermanentError naming the photos that cannot be used."""
+    stop = threading.Event()  # set on cancel: images not yet started are skipped
+    items = list(zip(files, _output_names(files), strict=True))
+    records: list[dict[str, Any]] = []
+    bad: list[str] = []
+    # decoding, resizing and encoding release the GIL: one image per core at a time
+    pool = ThreadPoolExecutor(max_workers=thread_count(ctx))
+    try:
+        outcomes = pool.map(partial(_try_one, stop, out_images, max_size), items)
+        for i, (path, out) in enumerate(zip(files, outcomes, strict=True)):
+            ctx.check_cancelled()
+            if isinstance(out, str):
+                bad.append(out)
+                ctx.log.warning("ingest: %s: %s", path, out)
+            elif out is not None:
+                records.append(out)
+            ctx.progress((i + 1) / len(files), f"checked {i + 1}/{len(files)} images")
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise PermanentError(
+            f"{len(bad)} image(s) cannot be used: {shown}",
+            hint="remove or re-export the named files (JPEG or PNG) and retry",
+        )
+    return records
+
+
+def _try_one(
+    stop: threading.Event, out_images: Path, max_size: int, item: tuple[Path, str]
+) -> dict[str, Any] | str | None:
+    """One photo's record, or what is wrong with it; None once the stage is stopping."""
+    path, name = item
+    if stop.is_set():
+        return None
+    try:
+        return _ingest_one(path, out_images / name, max_size)
+    except _BadImage as exc:
+        return f"{path.name}: {exc}"
 
 
 class _BadImage(Exception):
