@@ -1,0 +1,77 @@
+"""The helpers every stage shares (pipeline/stages/_common.py) and the CPU stereo
+engine's thread pool."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import Cancelled, JobSpec, PermanentError, StageContext
+from pipeline.devices import CudaSupport
+from pipeline.stages._common import (
+    FUSED_CLOUD,
+    choose_device,
+    require,
+    thread_count,
+)
+from pipeline.stages.stereo.cpu import parallel
+
+
+def _ctx(tmp_path: Path, **kwargs: Any) -> StageContext:
+    spec = JobSpec(project="p", images=tmp_path / "images")
+    return StageContext(
+        spec=spec, workspace=tmp_path / "ws", results_dir=tmp_path / "results", **kwargs
+    )
+
+
+def test_require_names_the_missing_output_and_the_stage(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    with pytest.raises(PermanentError, match="fused.ply is missing") as info:
+        require(ctx, FUSED_CLOUD)
+    assert info.value.hint == "the fusion stage must finish first"
+    path = ctx.workspace.joinpath(*FUSED_CLOUD)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"ply\n")
+    assert require(ctx, FUSED_CLOUD) == path
+
+
+def test_thread_count_is_a_count(tmp_path: Path) -> None:
+    assert thread_count(_ctx(tmp_path, threads=3)) == 3
+    assert thread_count(_ctx(tmp_path)) == len(os.sched_getaffinity(0))
+
+
+def test_device_choice(tmp_path: Path) -> None:
+    assert choose_device("cpu") == "cpu"  # without asking for a GPU
+    with pytest.raises(PermanentError, match="unknown device 'tpu'"):
+        choose_device("tpu")
+
+
+def test_cuda_support_says_why_there_is_no_gpu() -> None:
+    assert CudaSupport(built=False, devices=0).why_not == "this pycolmap build has no CUDA support"
+    assert CudaSupport(built=True, devices=0).why_not == "no CUDA device is visible"
+    assert CudaSupport(built=True, devices=1).why_not == ""
+
+
+def test_parallel_returns_every_result_by_item(tmp_path: Path) -> None:
+    counts: list[int] = []
+    results = parallel(_ctx(tmp_path), range(20), lambda i: i * i, 3, counts.append)
+    assert results == {i: i * i for i in range(20)}
+    assert counts == list(range(1, 21))
+
+
+def test_parallel_stops_on_cancel(tmp_path: Path) -> None:
+    started: list[int] = []
+
+    def work(i: int) -> int:
+        started.append(i)
+        time.sleep(0.05)
+        return i
+
+    ctx = _ctx(tmp_path, cancelled=lambda: True)
+    with pytest.raises(Cancelled):
+        parallel(ctx, range(100), work, 2, lambda done: None)
+    assert 0 < len(started) <= 8  # the first few, not the other ~90
