@@ -698,6 +698,23 @@ def workers(
     console.print(t)
 
 
+@app.command()
+def serve(
+    home: HomeOpt = None,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; other than loopback needs a token.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8750,
+) -> None:
+    """Run the web dashboard on the ledger: jobs, live progress, 3D view, downloads.
+
+    Example: dropmesh serve --port 8750, then open http://127.0.0.1:8750/
+    """
+    from daemon.web.server import serve as serve_dashboard
+
+    raise typer.Exit(serve_dashboard(_cfg(home), host, port))
+
+
 def main() -> None:
     app()
 

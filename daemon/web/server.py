@@ -1,0 +1,83 @@
+"""`dropmesh serve`: run the dashboard with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+from daemon.config import Config, ConfigError
+from daemon.web.security import is_loopback, new_token
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8750
+log = logging.getLogger("dropmesh.web")
+
+
+@dataclass
+class Bind:
+    host: str
+    port: int
+
+    def url(self, token: str | None = None) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if host in ("0.0.0.0", "[::]"):
+            import socket
+
+            host = socket.gethostname()
+        return f"http://{host}:{self.port}/" + (f"?token={token}" if token else "")
+
+
+def parse_bind(value: str) -> Bind | None:
+    """`host:port` (config key `http`); empty: the dashboard is off."""
+    value = value.strip()
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"key 'http' must be host:port (e.g. 127.0.0.1:8750), got {value!r}")
+    host = host.strip("[]") or DEFAULT_HOST
+    return Bind(host, int(port))
+
+
+def token_for(cfg: Config, host: str) -> tuple[str | None, bool]:
+    """The token the dashboard needs (None on loopback without one configured), and
+    whether it was generated now."""
+    if cfg.http_token:
+        return cfg.http_token, False
+    if is_loopback(host):
+        return None, False
+    return new_token(), True
+
+
+def serve(cfg: Config, host: str, port: int, *, token: str | None = None) -> int:
+    import uvicorn
+
+    from daemon.db import LedgerError
+    from daemon.web.app import create_app
+
+    generated = False
+    if token is None:
+        token, generated = token_for(cfg, host)
+    try:
+        app = create_app(cfg, token=token, loopback_only=is_loopback(host))
+    except LedgerError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    bind = Bind(host, port)
+    sys.stdout.write(f"dropmesh dashboard on {bind.url(token)}\n")
+    if generated:
+        sys.stdout.write(
+            "not on loopback: every request needs this token (set http_token in config.toml "
+            "to keep one)\n"
+        )
+    sys.stdout.flush()
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits 1 when it cannot bind
+        return int(exc.code or 1)
+    return 0 if server.started else 1
