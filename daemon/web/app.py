@@ -35,7 +35,7 @@ from daemon.requests import (
 )
 from daemon.states import ACTIVE, JobState
 from daemon.web import uploads
-from daemon.web.data import STATES, Reader
+from daemon.web.data import STATES, Reader, export_json
 from daemon.web.security import Guard, safe_file
 from daemon.web.stream import PING_S, Broadcaster, job_stream
 from pipeline import FORMATS, QUALITIES, STAGES
@@ -233,7 +233,10 @@ def create_app(
     def api_available_exports(project: str) -> dict[str, Any]:
         """`{"exports": [{filename, format, size, size_mb, created_at, download_url}]}`,
         newest first."""
-        return {"exports": reader.exports(project=project)}
+        rows = reader.export_rows(project=project)
+        return {
+            "exports": [export_json(r, p) for r, p in rows if safe_file(r.path, cfg.results / p)]
+        }
 
     @app.get(
         "/api/project/{project}/download_mesh/{filename}",

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from daemon.config import Config, ConfigError
 from daemon.web.security import is_loopback, new_token
+from daemon.web.uploads import Limits
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8750
@@ -50,6 +53,26 @@ def token_for(cfg: Config, host: str) -> tuple[str | None, bool]:
     return new_token(), True
 
 
+def upload_limits(env: Mapping[str, str]) -> Limits:
+    """Upload limits: DROPMESH_UPLOAD_MAX_FILES, DROPMESH_UPLOAD_MAX_FILE_MB (per photo)
+    and DROPMESH_UPLOAD_MAX_MB (per upload)."""
+    limits = Limits()
+    for key, attr, scale in (
+        ("DROPMESH_UPLOAD_MAX_FILES", "max_files", 1),
+        ("DROPMESH_UPLOAD_MAX_FILE_MB", "max_file_bytes", 2**20),
+        ("DROPMESH_UPLOAD_MAX_MB", "max_total_bytes", 2**20),
+    ):
+        if key in env:
+            try:
+                value = float(env[key])
+            except ValueError:
+                value = -1
+            if value <= 0:
+                raise ConfigError(f"{key} must be a positive number, got {env[key]!r}")
+            setattr(limits, attr, int(value * scale))
+    return limits
+
+
 def serve(cfg: Config, host: str, port: int, *, token: str | None = None) -> int:
     import uvicorn
 
@@ -60,7 +83,11 @@ def serve(cfg: Config, host: str, port: int, *, token: str | None = None) -> int
     if token is None:
         token, generated = token_for(cfg, host)
     try:
-        app = create_app(cfg, token=token, loopback_only=is_loopback(host))
+        limits = upload_limits(os.environ)
+        app = create_app(cfg, token=token, loopback_only=is_loopback(host), limits=limits)
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     except LedgerError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1

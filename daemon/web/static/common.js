@@ -1,5 +1,5 @@
 // Shared by the dashboard's pages. Every piece of text from the ledger is put into the
-// page with textContent (never innerHTML), so names, errors and log lines stay text.
+// page with textContent (never as markup), so names, errors and log lines stay text.
 "use strict";
 const Dropmesh = (() => {
   const token = document.querySelector('meta[name="dropmesh-token"]').content;
