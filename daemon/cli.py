@@ -33,7 +33,7 @@ app = typer.Typer(
     "Start the daemon with `dropmesh run`, drop request files into ./inbox (or use "
     "`dropmesh submit`), and follow them with `dropmesh status`.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 # Wide enough for the status table when the output goes to a file or a pipe.
@@ -554,6 +554,10 @@ def doctor(home: HomeOpt = None) -> None:
         "GPU",
         f"{n} CUDA device(s) seen by pycolmap" if n else "none; dense stereo runs on the CPU",
     )
+    from daemon.web.unit import check as unit_check
+
+    unit_ok, unit_detail = unit_check(cfg)
+    line(unit_ok, "service", unit_detail)
     target = cfg.results if cfg.results.exists() else cfg.home
     free = shutil.disk_usage(target).free / 1e9
     line(free > 5 or None, "disk", f"{free:.1f} GB free at {target}")
@@ -713,6 +717,26 @@ def serve(
     from daemon.web.server import serve as serve_dashboard
 
     raise typer.Exit(serve_dashboard(_cfg(home), host, port))
+
+
+service_app = typer.Typer(help="Run dropmesh as a systemd user service.", no_args_is_help=True)
+app.add_typer(service_app, name="service")
+
+
+@service_app.command("install")
+def service_install(home: HomeOpt = None) -> None:
+    """Write ~/.config/systemd/user/dropmesh.service running the daemon on this home.
+
+    Then: systemctl --user daemon-reload && systemctl --user enable --now dropmesh
+    """
+    from daemon.web.unit import install
+
+    path = install(_cfg(home))
+    console.print(
+        f"wrote {path}\nnext: systemctl --user daemon-reload && "
+        "systemctl --user enable --now dropmesh\n(across reboots without a login: "
+        "loginctl enable-linger $USER)"
+    )
 
 
 def main() -> None:
