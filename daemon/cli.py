@@ -719,7 +719,11 @@ def serve(
     raise typer.Exit(serve_dashboard(_cfg(home), host, port))
 
 
-service_app = typer.Typer(help="Run dropmesh as a systemd user service.", no_args_is_help=True)
+service_app = typer.Typer(
+    help="Run dropmesh as a systemd user service.\n\n"
+    "Example: dropmesh service install --home ~/scans",
+    no_args_is_help=True,
+)
 app.add_typer(service_app, name="service")
 
 
@@ -727,7 +731,8 @@ app.add_typer(service_app, name="service")
 def service_install(home: HomeOpt = None) -> None:
     """Write ~/.config/systemd/user/dropmesh.service running the daemon on this home.
 
-    Then: systemctl --user daemon-reload && systemctl --user enable --now dropmesh
+    Example: dropmesh service install --home ~/scans, then
+    systemctl --user daemon-reload && systemctl --user enable --now dropmesh
     """
     from daemon.web.unit import install
 
