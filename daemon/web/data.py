@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import case, func, or_, select
 
 from daemon.listing import Listing
 from daemon.schema import events, exports, jobs, stages
@@ -218,7 +218,9 @@ class Reader:
             q = select(*jobs.c).where(
                 or_(jobs.c.state.in_([s.value for s in ACTIVE]), jobs.c.updated_at > since)
             )
-            rows = list(conn.execute(q.limit(PER_PAGE_MAX)))
+            running_first = case((jobs.c.state == JobState.RUNNING.value, 0), else_=1)
+            q = q.order_by(running_first, jobs.c.updated_at.desc()).limit(PER_PAGE_MAX)
+            rows = list(conn.execute(q))
             st = self._stages(conn, [r.id for r in rows])
         return [job_json(r, st[r.id], now=now) for r in rows]
 

@@ -155,3 +155,26 @@ def test_dashboard_keeps_working_across_a_daemon_restart(
     daemon.drop("second", project="second")
     wait_job(api, "second", "succeeded")
     wait_for(lambda: api.get("/api/health").json()["counts"].get("succeeded") == 2)
+
+
+def test_serves_a_postgresql_ledger(home: Home, pg_url: str) -> None:
+    ledger = Ledger.open(pg_url, create=True)
+    ids = [
+        ledger.create_job(
+            project=f"farm{i}", spec={}, request_hash=f"{i}", request_name="r.toml"
+        ).id
+        for i in range(3)
+    ]
+    ledger.request_cancel(ids[0])
+    d = Dashboard(home, DROPMESH_LEDGER_URL=pg_url)
+    try:
+        with d.client(headers={"X-Dropmesh-Token": "local"}) as c:
+            page = c.get("/api/jobs").json()
+            assert page["total"] == 3 and page["counts"] == {"queued": 2, "cancelled": 1}
+            assert c.get("/api/jobs", params={"project": "farm2"}).json()["jobs"][0]["id"] == ids[2]
+            assert c.post(f"/api/jobs/{ids[1]}/cancel").json()["state"] == "cancelled"
+            events = sse_events(c, "/api/stream", lambda evs: evs[-1][0] == "hello", timeout=20)
+            assert json.loads(events[-1][1])["last_event"] > 0
+    finally:
+        d.stop()
+        ledger.close()
