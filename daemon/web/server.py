@@ -5,14 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from daemon.config import Config, ConfigError
 from daemon.web.security import is_loopback, new_token
 from daemon.web.uploads import Limits
 
 DEFAULT_HOST = "127.0.0.1"
+# Set by the daemon for the dashboard it starts: the daemon's pid.
+PARENT_ENV = "DROPMESH_DASHBOARD_PARENT"
 DEFAULT_PORT = 8750
 log = logging.getLogger("dropmesh.web")
 
@@ -51,6 +56,15 @@ def token_for(cfg: Config, host: str) -> tuple[str | None, bool]:
     if is_loopback(host):
         return None, False
     return new_token(), True
+
+
+def _exit_with_parent(parent: int, server: Any) -> None:
+    """A dashboard started by a daemon ends when that daemon is gone, even after kill -9."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    server.should_exit = True
+    time.sleep(5.0)
+    os._exit(0)
 
 
 def upload_limits(env: Mapping[str, str]) -> Limits:
@@ -103,6 +117,11 @@ def serve(cfg: Config, host: str, port: int, *, token: str | None = None) -> int
         app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
     )
     server = uvicorn.Server(config)
+    parent = os.environ.get(PARENT_ENV, "")
+    if parent.isdigit():
+        threading.Thread(
+            target=_exit_with_parent, args=(int(parent), server), name="parent", daemon=True
+        ).start()
     try:
         server.run()
     except SystemExit as exc:  # uvicorn exits 1 when it cannot bind

@@ -17,7 +17,7 @@ import sys
 import time
 
 from daemon.config import Config
-from daemon.web.server import Bind, parse_bind, token_for
+from daemon.web.server import PARENT_ENV, Bind, parse_bind, token_for
 
 log = logging.getLogger("dropmesh")
 RESTART_MIN_S = 1.0
@@ -52,6 +52,7 @@ class DashboardSupervisor:
     def start(self) -> None:
         env = dict(os.environ)
         env["DROPMESH_HOME"] = str(self.cfg.home)
+        env[PARENT_ENV] = str(os.getpid())
         if self.token:
             env["DROPMESH_HTTP_TOKEN"] = self.token
         cmd = [sys.executable, "-m", "daemon.cli", "serve"]

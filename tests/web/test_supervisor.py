@@ -55,6 +55,16 @@ def test_run_starts_the_dashboard_and_restarts_it_when_it_dies(home: Home) -> No
     assert not second.is_running() or second.status() == psutil.STATUS_ZOMBIE
 
 
+def test_the_dashboard_ends_with_a_daemon_killed_with_sigkill(home: Home) -> None:
+    port = free_port()
+    home.start(DROPMESH_HTTP=f"127.0.0.1:{port}")
+    wait_for(lambda: _healthy(f"http://127.0.0.1:{port}/"), 30, 0.2)
+    child = _dashboard_child(home)
+    assert child is not None
+    home.kill9()
+    wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, 15)
+
+
 def test_a_dashboard_that_cannot_start_never_stops_the_daemon(home: Home) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
