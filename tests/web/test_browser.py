@@ -185,3 +185,19 @@ def test_3d_viewer_loads_the_glb(daemon: Home, page: Any, dashboard: Dashboard) 
     }
     page.locator("#log").filter(has_text="job succeeded").wait_for(timeout=10000)
     shot(page, "job-page.png", full_page=True)
+
+
+def test_without_event_source_the_page_polls(
+    daemon: Home, browser: Any, dashboard: Dashboard
+) -> None:
+    ctx = browser.new_context(base_url=dashboard.url)
+    ctx.add_init_script("delete window.EventSource")
+    pg = ctx.new_page()
+    try:
+        pg.goto("/")
+        pg.wait_for_function("document.getElementById('live').textContent === 'polling'")
+        daemon.images("polled")
+        daemon.drop("polled", project="polled")
+        row(pg, "polled").locator(".state", has_text="succeeded").wait_for(timeout=30000)
+    finally:
+        ctx.close()
