@@ -7,8 +7,9 @@ APT_PACKAGES := libusb-1.0-0 libgl1 libegl1 libx11-6 libudev1 libgomp1 dbus dbus
 # Only for `make test` (and bench/claims.py): a PostgreSQL server, so that the ledger contract
 # tests and the several-daemons tests run against a real one (started on loopback in a
 # temporary folder by the tests themselves); ViSP's image data, whose "castel" sequence of
-# real photos with a registered depth sensor tests/pipeline/test_real_photos.py reconstructs.
-TEST_APT_PACKAGES := postgresql visp-images-data
+# real photos with a registered depth sensor tests/pipeline/test_real_photos.py reconstructs;
+# Chromium (with its fonts), which Playwright drives for the dashboard's browser tests.
+TEST_APT_PACKAGES := postgresql visp-images-data chromium fonts-dejavu-core
 # Only for `make bench`: COLMAP's own command line, the baseline the benchmarks compare to.
 BENCH_APT_PACKAGES := colmap
 # `make bench BENCH_ARGS="sparse --quick"`: some suites, smaller runs (see README).

@@ -33,7 +33,7 @@ app = typer.Typer(
     "Start the daemon with `dropmesh run`, drop request files into ./inbox (or use "
     "`dropmesh submit`), and follow them with `dropmesh status`.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 # Wide enough for the status table when the output goes to a file or a pipe.
@@ -554,6 +554,10 @@ def doctor(home: HomeOpt = None) -> None:
         "GPU",
         f"{n} CUDA device(s) seen by pycolmap" if n else "none; dense stereo runs on the CPU",
     )
+    from daemon.web.unit import check as unit_check
+
+    unit_ok, unit_detail = unit_check(cfg)
+    line(unit_ok, "service", unit_detail)
     target = cfg.results if cfg.results.exists() else cfg.home
     free = shutil.disk_usage(target).free / 1e9
     line(free > 5 or None, "disk", f"{free:.1f} GB free at {target}")
@@ -696,6 +700,48 @@ def workers(
             ", ".join(i["jobs"]) or "-",
         )
     console.print(t)
+
+
+@app.command()
+def serve(
+    home: HomeOpt = None,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; other than loopback needs a token.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8750,
+) -> None:
+    """Run the web dashboard on the ledger: jobs, live progress, 3D view, downloads.
+
+    Example: dropmesh serve --port 8750, then open http://127.0.0.1:8750/
+    """
+    from daemon.web.server import serve as serve_dashboard
+
+    raise typer.Exit(serve_dashboard(_cfg(home), host, port))
+
+
+service_app = typer.Typer(
+    help="Run dropmesh as a systemd user service.\n\n"
+    "Example: dropmesh service install --home ~/scans",
+    no_args_is_help=True,
+)
+app.add_typer(service_app, name="service")
+
+
+@service_app.command("install")
+def service_install(home: HomeOpt = None) -> None:
+    """Write ~/.config/systemd/user/dropmesh.service running the daemon on this home.
+
+    Example: dropmesh service install --home ~/scans, then
+    systemctl --user daemon-reload && systemctl --user enable --now dropmesh
+    """
+    from daemon.web.unit import install
+
+    path = install(_cfg(home))
+    console.print(
+        f"wrote {path}\nnext: systemctl --user daemon-reload && "
+        "systemctl --user enable --now dropmesh\n(across reboots without a login: "
+        "loginctl enable-linger $USER)"
+    )
 
 
 def main() -> None:

@@ -43,6 +43,8 @@ class Config:
     keep_workspaces_days: float = 14.0
     log_level: str = "INFO"
     pipeline: str = "pipeline.stages:run_stage"
+    http: str = ""
+    http_token: str = ""
 
     @property
     def db_path(self) -> Path:
@@ -136,6 +138,10 @@ def load(home: Path | str | None = None, env: dict[str, str] | None = None) -> C
             f"key 'ledger_url' must be an sqlite:/// or postgresql+psycopg:// URL, "
             f"got {cfg.ledger_url.split('://')[0]}://..."
         )
+    if cfg.http:
+        from daemon.web.server import parse_bind
+
+        parse_bind(cfg.http)
     if cfg.max_jobs < 1 or cfg.max_attempts < 1:
         raise ConfigError("keys 'max_jobs' and 'max_attempts' must be at least 1")
     return cfg

@@ -196,6 +196,12 @@ class Daemon:
         self._wake_w.setblocking(False)
         intake = threading.Thread(target=self._intake_loop, args=(watcher,), name="intake")
         intake.start()
+        # The web dashboard: a separate, supervised child process (config key `http`).
+        from daemon.web.supervisor import DashboardSupervisor
+
+        dashboard = None if once else DashboardSupervisor.from_config(self.cfg)
+        if dashboard is not None:
+            dashboard.start()
         last_beat = 0.0
         last_cancel_poll = 0.0
         last_recover = time.monotonic()
@@ -213,6 +219,8 @@ class Daemon:
                     self._recover_stale(ledger)
                     last_recover = now
                 self._start_jobs()
+                if dashboard is not None:
+                    dashboard.poll()
                 if once and not self.running and self.intake_idle.is_set() and self._idle():
                     log.info("queue drained; exiting (--once)")
                     break
@@ -225,6 +233,8 @@ class Daemon:
                 self._drain_wake()
         finally:
             self.stop()
+            if dashboard is not None:
+                dashboard.stop()
             intake.join(timeout=5)
             self._shutdown()
             watcher.stop()

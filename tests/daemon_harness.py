@@ -24,6 +24,7 @@ FAST_ENV = {
     "DROPMESH_HEARTBEAT_S": "0.5",
     "DROPMESH_LOG_LEVEL": "INFO",
     "DROPMESH_DEVICE": "cpu",
+    "DROPMESH_HTTP": "",  # no dashboard child (tests/web starts its own)
 }
 
 
