@@ -1,4 +1,8 @@
-"""Desktop notifications: plyer's notify-send backend, behind a real check that they can land.
+"""Desktop notifications: what they say, and plyer's notify-send backend behind a real check
+that they can land.
+
+The wording (`exported_text`, `failed_text`, `rejected_text`) is written into the ledger's
+outbox in the same transaction as what it announces, and shown later by `Notifier`.
 
 plyer reports nothing back: its notify-send backend drops the exit status, and its
 dbus-python backend keeps one session-bus connection for the life of the process, so
@@ -17,13 +21,18 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 from jeepney import DBusAddress, new_method_call
 from jeepney.bus_messages import message_bus
 from jeepney.io.blocking import open_dbus_connection
 from jeepney.wrappers import unwrap_msg
 from plyer.platforms.linux.notification import NotifySendNotification
+
+from daemon.humanize import words
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,28 @@ BUS_TIMEOUT_S = 2.0
 
 # Kinds of failure already logged as a warning in this process (later ones log at debug).
 _warned: set[str] = set()
+
+
+class NotificationText(NamedTuple):
+    title: str
+    body: str
+
+
+def exported_text(project: str, files: Sequence[Path], took_s: float) -> NotificationText:
+    """A job's exports are ready: the files, their folder and how long the job took."""
+    names = ", ".join(Path(f).name for f in files)
+    return NotificationText(
+        f"dropmesh: {project} is ready",
+        f"{names}\nin {Path(files[0]).parent}\ntook {words(took_s)}",
+    )
+
+
+def failed_text(project: str, stage: str, message: str) -> NotificationText:
+    return NotificationText(f"dropmesh: {project} failed", f"stage {stage}: {message}")
+
+
+def rejected_text(request_name: str, message: str) -> NotificationText:
+    return NotificationText(f"dropmesh: request {request_name} rejected", message)
 
 
 class Unavailable(Exception):
