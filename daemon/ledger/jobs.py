@@ -202,29 +202,37 @@ def retry(
         if from_stage not in STAGES:
             raise ValueError(f"unknown stage {from_stage!r}; stages: {', '.join(STAGES)}")
         rerun = list(STAGES[STAGES.index(from_stage) :])
-        spec = dict(job.spec)
-        if formats:
-            spec["formats"] = list(formats)
-        move(
-            s,
-            job_id,
-            state,
-            JobState.QUEUED,
-            now,
-            f"retry from stage {from_stage}",
-            spec=spec,
-            attempts=0,
-            cancel_requested=False,
-            error=None,
-            finished_at=None,
-            next_attempt_at=None,
-        )
-        s.execute(
-            update(Stage)
-            .where(Stage.job_id == job_id, Stage.name.in_(rerun))
-            .values(state=StageState.PENDING.value, progress=0.0, message="", attempt=0)
-        )
+        _requeue(s, job, rerun, formats, now)
         return rerun
+
+
+def _requeue(
+    s: Session, job: Job, rerun: list[str], formats: Sequence[str] | None, now: float
+) -> None:
+    """finished -> queued as a fresh job (no attempts, no error), with `formats` if
+    given; the stages in `rerun` pending again."""
+    spec = dict(job.spec)
+    if formats:
+        spec["formats"] = list(formats)
+    move(
+        s,
+        job.id,
+        JobState(job.state),
+        JobState.QUEUED,
+        now,
+        f"retry from stage {rerun[0]}",
+        spec=spec,
+        attempts=0,
+        cancel_requested=False,
+        error=None,
+        finished_at=None,
+        next_attempt_at=None,
+    )
+    s.execute(
+        update(Stage)
+        .where(Stage.job_id == job.id, Stage.name.in_(rerun))
+        .values(state=StageState.PENDING.value, progress=0.0, message="", attempt=0)
+    )
 
 
 def _first_unfinished(s: Session, job_id: str, new_formats: bool) -> str:
