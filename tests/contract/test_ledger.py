@@ -94,6 +94,19 @@ def test_cancel_queued_and_running(ledger: Ledger) -> None:
     assert ledger.get(running).state == "running"
 
 
+def test_a_job_flagged_while_running_is_cancelled_instead_of_claimed(ledger: Ledger) -> None:
+    flagged = make(ledger, "a", priority=1)
+    other = make(ledger, "b", h="b")
+    assert ledger.claim_next("a:1:x").id == flagged  # type: ignore[union-attr]
+    assert ledger.request_cancel(flagged) == "cancelling"
+    assert ledger.recover(stale_after_s=-1) == [flagged]  # its daemon died before acting
+    got = ledger.claim_next("b:2:y")
+    assert got is not None and got.id == other
+    job = ledger.get(flagged)
+    assert (job.state, job.cancel_requested, job.lease_token) == ("cancelled", False, 1)
+    assert ledger.events(flagged)[-1].message == "cancelled (requested while it was running)"
+
+
 def test_success_records_exports_and_one_notification(ledger: Ledger, tmp_path: Path) -> None:
     job_id = make(ledger)
     ledger.claim_next("w")
