@@ -102,10 +102,12 @@ class Notification(Base):
     shown: Mapped[bool | None]
 
 
-class Worker(Base):
-    """A live daemon: registered at start, heartbeat while it runs, removed at a clean stop."""
+class LiveDaemon(Base):
+    """A daemon sharing the ledger: registered at start, heartbeat while it runs, removed
+    at a clean stop. Its table is named `workers`; its id is the `jobs.worker` of the jobs
+    whose leases it holds."""
 
-    __table__ = schema.workers
+    __table__ = schema.daemons
 
     id: Mapped[str]  # host:pid:random
     host: Mapped[str]

@@ -1,4 +1,8 @@
-"""Desktop notifications: plyer's notify-send backend, behind a real check that they can land.
+"""Desktop notifications: what they say, and plyer's notify-send backend behind a real check
+that they can land.
+
+The wording (`exported_text`, `failed_text`, `rejected_text`) is written into the ledger's
+outbox in the same transaction as what it announces, and shown later by `Notifier`.
 
 plyer reports nothing back: its notify-send backend drops the exit status, and its
 dbus-python backend keeps one session-bus connection for the life of the process, so
@@ -17,26 +21,46 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
-from jeepney import DBusAddress, new_method_call
-from jeepney.bus_messages import message_bus
-from jeepney.io.blocking import open_dbus_connection
-from jeepney.wrappers import unwrap_msg
-from plyer.platforms.linux.notification import NotifySendNotification
+from daemon.humanize import words
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "dropmesh"
-NOTIFICATIONS = DBusAddress(
-    "/org/freedesktop/Notifications",
-    bus_name="org.freedesktop.Notifications",
-    interface="org.freedesktop.Notifications",
-)
+# The freedesktop notification service (jeepney and plyer are imported only to show a
+# notification, so the ledger, which stores the wording, does not load them).
+NOTIFICATIONS_PATH = "/org/freedesktop/Notifications"
+NOTIFICATIONS_NAME = "org.freedesktop.Notifications"
 BUS_TIMEOUT_S = 2.0
 
 # Kinds of failure already logged as a warning in this process (later ones log at debug).
 _warned: set[str] = set()
+
+
+class NotificationText(NamedTuple):
+    title: str
+    body: str
+
+
+def exported_text(project: str, files: Sequence[Path], took_s: float) -> NotificationText:
+    """A job's exports are ready: the files, their folder and how long the job took."""
+    names = ", ".join(Path(f).name for f in files)
+    return NotificationText(
+        f"dropmesh: {project} is ready",
+        f"{names}\nin {Path(files[0]).parent}\ntook {words(took_s)}",
+    )
+
+
+def failed_text(project: str, stage: str, message: str) -> NotificationText:
+    return NotificationText(f"dropmesh: {project} failed", f"stage {stage}: {message}")
+
+
+def rejected_text(request_name: str, message: str) -> NotificationText:
+    return NotificationText(f"dropmesh: request {request_name} rejected", message)
 
 
 class Unavailable(Exception):
@@ -77,22 +101,30 @@ def probe() -> ServerInfo:
     address = session_bus_address()
     if address is None:
         raise Unavailable("no-bus", "no D-Bus session bus (DBUS_SESSION_BUS_ADDRESS unset)")
+    from jeepney import DBusAddress, new_method_call
+    from jeepney.bus_messages import message_bus
+    from jeepney.io.blocking import open_dbus_connection
+    from jeepney.wrappers import unwrap_msg
+
+    service = DBusAddress(
+        NOTIFICATIONS_PATH, bus_name=NOTIFICATIONS_NAME, interface=NOTIFICATIONS_NAME
+    )
     try:
         with open_dbus_connection(bus=address, auth_timeout=BUS_TIMEOUT_S) as conn:
             reply = conn.send_and_get_reply(
-                message_bus.NameHasOwner(NOTIFICATIONS.bus_name), timeout=BUS_TIMEOUT_S
+                message_bus.NameHasOwner(NOTIFICATIONS_NAME), timeout=BUS_TIMEOUT_S
             )
             if not unwrap_msg(reply)[0]:
                 raise Unavailable(
                     "no-server",
                     f"no notification server on the session bus (nothing owns "
-                    f"{NOTIFICATIONS.bus_name} on {address})",
+                    f"{NOTIFICATIONS_NAME} on {address})",
                 )
             caps = conn.send_and_get_reply(
-                new_method_call(NOTIFICATIONS, "GetCapabilities"), timeout=BUS_TIMEOUT_S
+                new_method_call(service, "GetCapabilities"), timeout=BUS_TIMEOUT_S
             )
             info = conn.send_and_get_reply(
-                new_method_call(NOTIFICATIONS, "GetServerInformation"), timeout=BUS_TIMEOUT_S
+                new_method_call(service, "GetServerInformation"), timeout=BUS_TIMEOUT_S
             )
             capabilities = unwrap_msg(caps)[0]
             name, _vendor, version, _spec = unwrap_msg(info)
@@ -115,6 +147,8 @@ class Notifier:
     """Best-effort desktop notifications: ``notify`` never raises."""
 
     def __init__(self) -> None:
+        from plyer.platforms.linux.notification import NotifySendNotification
+
         self._backend = NotifySendNotification()
 
     def reachable(self) -> tuple[bool, str]:

@@ -120,8 +120,10 @@ notifications = Table(
     Column("shown", Boolean, nullable=True),
 )
 
-# A live daemon: registered at start, heartbeat while it runs, removed at a clean stop.
-workers = Table(
+# The daemons sharing the ledger: registered at start, heartbeat while they run, removed
+# at a clean stop. The table keeps the name `workers` of the first schema; `jobs.worker`
+# holds the id of the daemon that owns a job's lease.
+daemons = Table(
     "workers",
     metadata,
     Column("id", String(128), primary_key=True),  # host:pid:random

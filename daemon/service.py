@@ -722,7 +722,10 @@ class Daemon:
         if outcome.kind == "done":
             p = outcome.payload
             last = stage == STAGES[-1]
-            exports = [ExportRecord(Path(path), fmt) for path, fmt in p.get("exports", [])]
+            exports = [
+                ExportRecord(Path(path), fmt, size, sha256)
+                for path, fmt, size, sha256 in p.get("exports", [])
+            ]
             self.ledger.stage_finished(
                 run.job_id,
                 stage,

@@ -212,7 +212,7 @@ def child_main(task: StageTask, conn: Connection) -> None:
         result = runner(task.stage, ctx)
         payload = {
             "metrics": dict(result.metrics),
-            "exports": [(str(e.path), e.format) for e in result.exports],
+            "exports": [(str(e.path), e.format, e.size, e.sha256) for e in result.exports],
             "device": result.device,
             "peak_rss_mb": _peak_rss_mb(),
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,8 +94,18 @@ class StageContext:
 
 @dataclass
 class Export:
+    """A published file; size and sha256 when the stage knows them (the daemon records
+    both, and reads the file only for an export that comes without them)."""
+
     path: Path
     format: str
+    size: int | None = None
+    sha256: str | None = None
+
+    @classmethod
+    def of_bytes(cls, path: Path, format: str, data: bytes) -> Export:
+        """The export of `data`, just published at `path`."""
+        return cls(path, format, len(data), hashlib.sha256(data).hexdigest())
 
 
 @dataclass

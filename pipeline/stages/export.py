@@ -207,8 +207,8 @@ def build_report(ctx: StageContext, mesh: trimesh.Trimesh, exports: list[Export]
             {
                 "file": e.path.name,
                 "format": e.format,
-                "bytes": e.path.stat().st_size,
-                "sha256": hashlib.sha256(e.path.read_bytes()).hexdigest(),
+                "bytes": e.size if e.size is not None else e.path.stat().st_size,
+                "sha256": e.sha256 or hashlib.sha256(e.path.read_bytes()).hexdigest(),
             }
             for e in exports
         ],
@@ -232,18 +232,21 @@ def run(ctx: StageContext) -> StageResult:
         ctx.check_cancelled()
         ctx.progress(k / steps, f"writing {fmt}")
         path = mesh_name(ctx, fmt)
-        publish_bytes(path, encode(mesh, fmt))
-        exports.append(Export(path=path, format=fmt))
+        data = encode(mesh, fmt)
+        publish_bytes(path, data)
+        exports.append(Export.of_bytes(path, fmt, data))
     ctx.check_cancelled()
     ctx.progress(len(formats) / steps, "rendering preview")
     preview = ctx.results_dir / f"{ctx.spec.job_id}_preview.png"
-    publish_bytes(preview, render_preview(ctx, mesh))
-    exports.append(Export(path=preview, format="png"))
+    png = render_preview(ctx, mesh)
+    publish_bytes(preview, png)
+    exports.append(Export.of_bytes(preview, "png", png))
     report_path = ctx.results_dir / f"{ctx.spec.job_id}_report.json"
     report = build_report(ctx, mesh, exports)
     report["timings_s"][STAGE] = timer.seconds
-    publish_bytes(report_path, (json.dumps(report, indent=1) + "\n").encode())
-    exports.append(Export(path=report_path, format="json"))
+    report_json = (json.dumps(report, indent=1) + "\n").encode()
+    publish_bytes(report_path, report_json)
+    exports.append(Export.of_bytes(report_path, "json", report_json))
     metrics: dict[str, Any] = {
         "formats": formats,
         "files": [e.path.name for e in exports],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import sqlite3
 import time
@@ -93,6 +94,19 @@ def test_cancel_queued_and_running(ledger: Ledger) -> None:
     assert ledger.get(running).state == "running"
 
 
+def test_a_job_flagged_while_running_is_cancelled_instead_of_claimed(ledger: Ledger) -> None:
+    flagged = make(ledger, "a", priority=1)
+    other = make(ledger, "b", h="b")
+    assert ledger.claim_next("a:1:x").id == flagged  # type: ignore[union-attr]
+    assert ledger.request_cancel(flagged) == "cancelling"
+    assert ledger.recover(stale_after_s=-1) == [flagged]  # its daemon died before acting
+    got = ledger.claim_next("b:2:y")
+    assert got is not None and got.id == other
+    job = ledger.get(flagged)
+    assert (job.state, job.cancel_requested, job.lease_token) == ("cancelled", False, 1)
+    assert ledger.events(flagged)[-1].message == "cancelled (requested while it was running)"
+
+
 def test_success_records_exports_and_one_notification(ledger: Ledger, tmp_path: Path) -> None:
     job_id = make(ledger)
     ledger.claim_next("w")
@@ -117,6 +131,66 @@ def test_success_records_exports_and_one_notification(ledger: Ledger, tmp_path: 
     ledger.mark_notified(pending[0].id, shown=True)
     assert ledger.pending_notifications() == []
     assert ledger.exports()[0][0].notified_at is not None
+
+
+def test_exports_measured_by_the_stage_are_recorded_as_given(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    job_id = make(ledger)
+    job = ledger.claim_next("w")
+    assert job is not None
+    gone = tmp_path / "m.glb"  # never written: a measured export is not read again
+    measured = ExportRecord(gone, "glb", size=7, sha256="ab" * 32)
+    unmeasured = tmp_path / "m.ply"
+    unmeasured.write_bytes(b"ply\n")
+    ledger.stage_finished(
+        job_id,
+        "export",
+        metrics={},
+        device="cpu",
+        peak_rss_mb=None,
+        exports=[measured, ExportRecord(unmeasured, "ply")],
+        last=True,
+        token=job.lease_token,
+    )
+    got = {Path(e.path).name: (e.bytes, e.sha256) for e, _ in ledger.exports()}
+    assert got == {"m.glb": (7, "ab" * 32), "m.ply": (4, hashlib.sha256(b"ply\n").hexdigest())}
+    (note,) = ledger.pending_notifications()
+    assert note.kind == "exported" and note.title == "dropmesh: p is ready"
+    assert note.body.splitlines()[:2] == ["m.glb, m.ply", f"in {tmp_path}"]
+
+
+def test_an_unreadable_export_changes_nothing(ledger: Ledger, tmp_path: Path) -> None:
+    job_id = make(ledger)
+    job = ledger.claim_next("w")
+    assert job is not None
+    with pytest.raises(FileNotFoundError):
+        ledger.stage_finished(
+            job_id,
+            "export",
+            metrics={},
+            device="cpu",
+            peak_rss_mb=None,
+            exports=[ExportRecord(tmp_path / "missing.glb", "glb")],
+            last=True,
+            token=job.lease_token,
+        )
+    assert ledger.get(job_id).state == "running" and ledger.exports() == []
+    assert ledger.pending_notifications() == []
+
+
+def test_failure_and_rejection_are_notified_with_their_reason(ledger: Ledger) -> None:
+    job_id = make(ledger, "fountain")
+    ledger.claim_next("w")
+    assert ledger.fail(job_id, "mapping", "too few images registered")
+    assert not ledger.fail(job_id, "mapping", "again")  # no longer running: no second one
+    ledger.reject("bad.toml", "images: folder is empty")
+    ledger.reject("dup.toml", "already queued", notify=False)
+    assert [(n.kind, n.job_id, n.title, n.body) for n in ledger.pending_notifications()] == [
+        ("failed", job_id, "dropmesh: fountain failed", "stage mapping: too few images registered"),
+        ("rejected", None, "dropmesh: request bad.toml rejected", "images: folder is empty"),
+    ]
+    assert [e.kind for e in ledger.events(None)][-2:] == ["rejected", "rejected"]
 
 
 def test_retry_from_stage_resets_later_stages(ledger: Ledger) -> None:

@@ -1,0 +1,131 @@
+"""The read-only listings `dropmesh status` uses (daemon/listing.py), on every backend."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.db import LedgerError
+from daemon.ledger import ExportRecord, Ledger
+from daemon.listing import Listing
+from daemon.models import Event
+from pipeline import STAGES
+
+
+def make(ledger: Ledger, project: str) -> str:
+    job_id = ledger.create_job(
+        project=project, spec={}, request_hash=project, request_name=f"{project}.toml"
+    ).id
+    time.sleep(0.01)  # distinct created_at, so "newest first" is well defined
+    return job_id
+
+
+def export(ledger: Ledger, job_id: str, files: list[Path]) -> None:
+    """Run the job's stages to success, publishing `files` as its exports."""
+    job = ledger.claim_next("host:1:x")
+    assert job is not None and job.id == job_id
+    for name in STAGES:
+        ledger.stage_finished(
+            job_id,
+            name,
+            metrics={},
+            device="cpu",
+            peak_rss_mb=None,
+            exports=[ExportRecord(f, f.suffix[1:]) for f in files] if name == STAGES[-1] else (),
+            last=name == STAGES[-1],
+            token=job.lease_token,
+        )
+
+
+@pytest.fixture
+def listing(ledger: Ledger, ledger_url: str) -> Iterator[Listing]:
+    listing = Listing.open(ledger_url)
+    yield listing
+    listing.close()
+
+
+def test_list_jobs_newest_first_by_state_and_limit(ledger: Ledger, listing: Listing) -> None:
+    a, b, c = make(ledger, "a"), make(ledger, "b"), make(ledger, "c")
+    ledger.request_cancel(b)
+    assert [j.id for j in listing.list_jobs()] == [c, b, a]
+    assert [j.id for j in listing.list_jobs(states=["queued"])] == [c, a]
+    assert [j.id for j in listing.list_jobs(states=["cancelled", "queued"], limit=2)] == [c, b]
+    assert listing.list_jobs(states=["running"]) == []
+    row = listing.list_jobs(limit=1)[0]
+    assert (row.project, row.state, row.attempts, row.spec["job_id"]) == ("c", "queued", 0, c)
+
+
+def test_stages_for_lists_each_jobs_stages_in_order(ledger: Ledger, listing: Listing) -> None:
+    a, b = make(ledger, "a"), make(ledger, "b")
+    ledger.claim_next("host:1:x")  # a
+    ledger.stage_started(a, STAGES[0], pid=7, attempt=1)
+    ledger.stage_progress(a, STAGES[0], 0.25, "reading")
+    for every in (False, True):
+        got = listing.stages_for([a], every=every)
+        assert list(got) == [a], "only the jobs asked for, even when scanning every job"
+        assert [s.name for s in got[a]] == list(STAGES)
+        first = got[a][0]
+        assert (first.state, first.pid, first.progress, first.message) == (
+            "running",
+            7,
+            0.25,
+            "reading",
+        )
+        assert {s.state for s in got[a][1:]} == {"pending"}
+    both = listing.stages_for([a, b])
+    assert {k: len(v) for k, v in both.items()} == {a: len(STAGES), b: len(STAGES)}
+    assert listing.stages_for([]) == {}
+    assert listing.stages_for(["nosuchjob"]) == {"nosuchjob": []}
+
+
+def test_export_paths_per_job_newest_first(
+    ledger: Ledger, listing: Listing, tmp_path: Path
+) -> None:
+    a, b = make(ledger, "a"), make(ledger, "b")
+    files = [tmp_path / "a.glb", tmp_path / "a.ply"]
+    for f in files:
+        f.write_bytes(f.name.encode())
+    export(ledger, a, files)
+    for every in (False, True):
+        got = listing.export_paths([a, b], every=every)
+        assert sorted(got[a]) == sorted(str(f) for f in files) and got[b] == []
+    assert listing.export_paths([b]) == {b: []}
+    assert listing.export_paths([]) == {}
+    # a retry that publishes again puts the newest export first
+    time.sleep(0.01)
+    ledger.retry(a, from_stage=STAGES[-1])
+    export(ledger, a, [files[1]])
+    assert listing.export_paths([a])[a][0] == str(files[1])
+
+
+@pytest.mark.timeout(30)
+def test_listing_does_not_wait_for_a_writer(ledger: Ledger, listing: Listing) -> None:
+    done = make(ledger, "done")
+    with ledger.write() as s:  # an open write transaction (SQLite: BEGIN IMMEDIATE)
+        s.add(Event(job_id=done, at=time.time(), kind="note", message="held", data={}))
+        s.flush()
+        started = time.monotonic()
+        assert [j.id for j in listing.list_jobs()] == [done]
+        assert list(listing.stages_for([done])) == [done]
+        assert time.monotonic() - started < 5
+
+
+def test_open_refuses_a_missing_ledger(tmp_path: Path) -> None:
+    with pytest.raises(LedgerError, match="no ledger at"):
+        Listing.open(f"sqlite:///{tmp_path / 'none.db'}")
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_listing_loads_no_orm() -> None:
+    code = (
+        "import sys, daemon.listing; "
+        "loaded = [m for m in ('sqlalchemy.orm', 'daemon.models', 'daemon.ledger') "
+        "if m in sys.modules]; print(loaded)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
