@@ -76,3 +76,16 @@ def test_bench_imports_test_helpers_as_a_package_without_editing_sys_path() -> N
             f"{f.relative_to(ROOT)}: {m}" for m in imported_modules(f) if m.split(".")[0] in helpers
         ]
     assert offenders == []
+
+
+def test_docs_link_only_to_files_inside_the_repository() -> None:
+    import re
+
+    for doc in (ROOT / "README.md", ROOT / "docs" / "ARCHITECTURE.md"):
+        text = doc.read_text(encoding="utf-8")
+        assert "../shared" not in text, doc.name
+        for target in re.findall(r"\]\(([^)#\s]+)\)", text):
+            if "://" in target:
+                continue
+            path = (doc.parent / target).resolve()
+            assert path.is_relative_to(ROOT) and path.exists(), f"{doc.name}: {target}"
