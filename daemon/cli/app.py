@@ -36,12 +36,25 @@ def _drop_flag_metavars(params: list[Any]) -> list[Any]:
     return params
 
 
+COMMAND_ORDER = (
+    "run", "submit", "status", "cancel", "retry", "exports", "logs", "prune", "demo",
+    "workers", "doctor",
+)  # fmt: skip
+
+
 class Group(TyperGroup):
     """The root command group. Every command it hands out, including ones that other
     modules register later, shows its flags without a value type in `--help`."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _drop_flag_metavars(super().get_params(ctx))
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        """`--help` lists the commands in the order a user meets them; commands
+        registered elsewhere come after, in the order they were registered."""
+        names = list(super().list_commands(ctx))
+        known = [n for n in COMMAND_ORDER if n in names]
+        return known + [n for n in names if n not in COMMAND_ORDER]
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         cmd = super().get_command(ctx, cmd_name)
