@@ -88,3 +88,16 @@ def test_flags_show_no_value_type_in_help() -> None:
 def test_shell_completion_is_offered() -> None:
     res = runner.invoke(app, ["--help"])
     assert "--install-completion" in res.output
+
+
+def test_the_cli_starts_without_the_orm_or_the_pipeline_libraries() -> None:
+    """`dropmesh status` must start fast: importing the CLI loads neither the ORM nor
+    the photogrammetry stack (commands import those when they run)."""
+    import subprocess
+    import sys
+
+    heavy = ["sqlalchemy.orm", "daemon.ledger", "daemon.models", "daemon.service"]
+    heavy += ["numpy", "pycolmap", "cv2", "open3d", "trimesh", "watchdog", "plyer"]
+    code = f"import sys, daemon.cli\nprint([m for m in {heavy!r} if m in sys.modules])\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
