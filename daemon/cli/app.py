@@ -109,6 +109,39 @@ def home_folder(ctx: typer.Context, home: Path | None) -> Path | None:
     return Path(found) if found is not None else None
 
 
+def _jobs_for_completion(ctx: typer.Context) -> list[Any]:
+    """The newest jobs of the ledger of the home given on the command line (else
+    DROPMESH_HOME or .); none when there is no ledger to read."""
+    home = ctx.params.get("home")
+    if home is None and ctx.parent is not None:
+        home = ctx.parent.params.get("home")
+    try:
+        listing = Listing.open(config_mod.load(home).url)
+    except (config_mod.ConfigError, LedgerError, OSError):
+        return []
+    try:
+        return listing.list_jobs(limit=500)
+    except Exception:  # a completion must never print a traceback into the shell
+        return []
+    finally:
+        listing.close()
+
+
+def complete_job(ctx: typer.Context, incomplete: str) -> list[tuple[str, str]]:
+    """Shell completion for a job argument: job ids and project names."""
+    found: dict[str, str] = {}
+    for j in _jobs_for_completion(ctx):
+        found.setdefault(j.project, "project")
+        found.setdefault(j.id, f"{j.project}, {j.state}")
+    return [(k, v) for k, v in found.items() if k.startswith(incomplete)]
+
+
+def complete_project(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion for a project argument."""
+    names = dict.fromkeys(j.project for j in _jobs_for_completion(ctx))
+    return [n for n in names if n.startswith(incomplete)]
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}")
     return typer.Exit(code)

@@ -15,6 +15,8 @@ from daemon.cli import render
 from daemon.cli.app import (
     HomeOpt,
     app,
+    complete_job,
+    complete_project,
     console,
     fail,
     load_config,
@@ -77,7 +79,10 @@ def read_jobs(listing: Any, ledger: Any, ref: str | None, *, every: bool) -> Sna
 @app.command()
 def status(
     ctx: typer.Context,
-    job: Annotated[str | None, typer.Argument(help="Job id, id prefix or project.")] = None,
+    job: Annotated[
+        str | None,
+        typer.Argument(help="Job id, id prefix or project.", autocompletion=complete_job),
+    ] = None,
     home: HomeOpt = None,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh live.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -125,7 +130,9 @@ def status(
 @app.command()
 def cancel(
     ctx: typer.Context,
-    job: Annotated[str, typer.Argument(help="Job id, id prefix or project.")],
+    job: Annotated[
+        str, typer.Argument(help="Job id, id prefix or project.", autocompletion=complete_job)
+    ],
     home: HomeOpt = None,
 ) -> None:
     """Cancel a queued or running job (the daemon stops a running stage within a second).
@@ -146,7 +153,9 @@ def cancel(
 @app.command()
 def retry(
     ctx: typer.Context,
-    job: Annotated[str, typer.Argument(help="Job id, id prefix or project.")],
+    job: Annotated[
+        str, typer.Argument(help="Job id, id prefix or project.", autocompletion=complete_job)
+    ],
     home: HomeOpt = None,
     from_stage: Annotated[
         str | None,
@@ -183,7 +192,9 @@ def retry(
 @app.command()
 def exports(
     ctx: typer.Context,
-    project: Annotated[str | None, typer.Argument(help="Only this project.")] = None,
+    project: Annotated[
+        str | None, typer.Argument(help="Only this project.", autocompletion=complete_project)
+    ] = None,
     home: HomeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -206,7 +217,9 @@ def exports(
 @app.command()
 def logs(
     ctx: typer.Context,
-    job: Annotated[str, typer.Argument(help="Job id, id prefix or project.")],
+    job: Annotated[
+        str, typer.Argument(help="Job id, id prefix or project.", autocompletion=complete_job)
+    ],
     home: HomeOpt = None,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new lines.")

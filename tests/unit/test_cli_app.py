@@ -101,3 +101,38 @@ def test_the_cli_starts_without_the_orm_or_the_pipeline_libraries() -> None:
     code = f"import sys, daemon.cli\nprint([m for m in {heavy!r} if m in sys.modules])\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def complete(words: str, env: dict[str, str] | None = None) -> list[str]:
+    """What bash completion offers for the last word of `words`."""
+    parts = words.split(" ")
+    res = runner.invoke(
+        app,
+        [],
+        prog_name="dropmesh",
+        env={
+            "_DROPMESH_COMPLETE": "complete_bash",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(parts) - 1),
+            **(env or {}),
+        },
+    )
+    assert res.exit_code == 0, res.output
+    return res.stdout.split()
+
+
+def test_job_arguments_complete_from_the_ledger(homes: tuple[Path, Path]) -> None:
+    a, b = homes
+    assert complete(f"dropmesh --home {a} status al") == ["alpha"]
+    assert complete(f"dropmesh cancel --home {b} ") == ["beta", *job_ids(b)]
+    assert complete("dropmesh logs be", env={"DROPMESH_HOME": str(b)}) == ["beta"]
+    assert complete(f"dropmesh exports --home {a} ") == ["alpha"]  # projects only
+
+
+def test_completion_without_a_ledger_offers_nothing(tmp_path: Path) -> None:
+    assert complete(f"dropmesh --home {tmp_path / 'nowhere'} status ") == []
+
+
+def job_ids(home: Path) -> list[str]:
+    res = runner.invoke(app, ["--home", str(home), "status", "--json"])
+    return [j["id"] for j in json.loads(res.stdout)]
