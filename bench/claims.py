@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -108,8 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rate", type=float, default=20.0, help="jobs queued per second")
     ap.add_argument("--no-sqlite", action="store_true")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from pgcluster import running_cluster, skip_reason
+    from tests.pgcluster import running_cluster, skip_reason
 
     results: dict[str, Any] = {"postgresql": {}, "sqlite": {}}
     with tempfile.TemporaryDirectory(prefix="dropmesh-bench-") as tmp:

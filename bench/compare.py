@@ -1,8 +1,9 @@
-"""Before/after: the whole pipeline from another commit's `pipeline/` (default: the
-parent of the first optimisation commit, see BASELINE) against this checkout's, side by
-side in one run, alternating which goes first; per-stage ratios after/before, medians.
+"""Before/after: the whole pipeline from a baseline revision's `pipeline/` (any git
+revision you name: the commit before a change you want to measure) against this
+checkout's, side by side in one run, alternating which goes first; per-stage ratios
+after/before, medians. The results record the baseline as named and as resolved.
 
-    python -m bench compare [--baseline REF] [--quality medium] [--images 16]
+    python -m bench compare --baseline REF [--quality medium] [--images 16]
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 from bench.common import write_results
 from bench.workload import ROOT, fscore, load, run_pipeline_children, scene, spec_json
 
-BASELINE = "5cdcbbe"  # the pipeline before the optimisation pass
 SIZE = (1024, 768)
 
 
@@ -32,14 +32,32 @@ def export_pipeline(ref: str, dest: Path) -> Path:
     return dest
 
 
+def resolve_revision(ref: str) -> str | None:
+    """The full commit hash `ref` names in this repository, or None."""
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--baseline", default=BASELINE)
+    ap.add_argument(
+        "--baseline",
+        required=True,
+        metavar="REF",
+        help="git revision whose pipeline/ is 'before' (e.g. a commit, tag or HEAD~3)",
+    )
     ap.add_argument("--quality", default="medium")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args(argv)
+    baseline = resolve_revision(args.baseline)
+    if baseline is None:
+        ap.error(f"--baseline {args.baseline!r} is not a commit in {ROOT}")
     reps = 1 if args.quick else args.reps
     n_images = 8 if args.quick else args.images
     scene_dir = scene(n_images, SIZE)
@@ -47,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     before_load = load()
     rows = []
     with tempfile.TemporaryDirectory(prefix="dropmesh-bench-") as tmp:
-        base_root = export_pipeline(args.baseline, Path(tmp) / "baseline")
+        base_root = export_pipeline(baseline, Path(tmp) / "baseline")
         roots = {"before": base_root, "after": ROOT}
         for rep in range(reps):
             order = ("before", "after") if rep % 2 == 0 else ("after", "before")
@@ -82,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {
         "quick": args.quick,
         "baseline": args.baseline,
+        "baseline_commit": baseline,
         "head": _head(),
         "changed_files": _changed(args.baseline),
         "quality": args.quality,

@@ -25,11 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import write_results
-from bench.workload import ROOT, child_env, load, scene
-
-sys.path.insert(0, str(ROOT / "tests"))
-
-from daemon_harness import Home, wait_for  # noqa: E402
+from bench.workload import child_env, load, scene
+from tests.daemon_harness import Home, wait_for
 
 SIZE = (1024, 768)
 # The daemon as configured by default (the harness's fast test timings undone), with the

@@ -1,7 +1,9 @@
 """Service latencies: request pickup, `dropmesh status` on a big ledger, cancel.
 
 Targets: pickup p95 < 300 ms, status < 0.5 s with 10,000 jobs, cancel p95 < 2 s.
-Runs the real daemon (subprocess) with the fast test pipeline from tests/.
+Runs the real daemon (subprocess) with the fast fake pipeline of the test suite
+(tests/fakepipeline.py, through tests.daemon_harness): these figures are the service's own
+costs, without photogrammetry in them.
 """
 
 from __future__ import annotations
@@ -20,11 +22,9 @@ from typing import Any
 import psutil
 
 from bench.common import summary, write_results
+from tests.daemon_harness import Home, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from daemon_harness import Home, wait_for  # noqa: E402
 
 
 def _created_at(db: Path, project: str) -> float | None:

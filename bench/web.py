@@ -23,11 +23,9 @@ from typing import Any
 import httpx
 
 from bench.common import summary, write_results
+from tests.daemon_harness import Home, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from daemon_harness import Home, wait_for  # noqa: E402
 
 
 def _port() -> int:

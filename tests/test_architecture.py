@@ -49,3 +49,43 @@ def test_every_cli_command_has_help_with_an_example() -> None:
     )
     for name, cmd in commands.items():
         assert cmd.help and "Example" in cmd.help, name
+
+
+def test_shipped_code_never_imports_tests_or_bench() -> None:
+    files = sorted((ROOT / "daemon").rglob("*.py")) + sorted((ROOT / "pipeline").rglob("*.py"))
+    offenders = [
+        f"{f.relative_to(ROOT)}: {m}"
+        for f in files
+        for m in imported_modules(f)
+        if m.split(".")[0] in {"tests", "bench"}
+    ]
+    assert offenders == []
+
+
+def test_bench_imports_test_helpers_as_a_package_without_editing_sys_path() -> None:
+    """bench/ may use the test suite's harness, named as `tests.<module>`; importing a
+    test module by its bare name would need tests/ put on sys.path by hand."""
+    helpers = {p.stem for p in (ROOT / "tests").glob("*.py")}
+    files = sorted((ROOT / "bench").rglob("*.py"))
+    assert files
+    offenders = []
+    for f in files:
+        if "sys.path" in f.read_text(encoding="utf-8"):
+            offenders.append(f"{f.relative_to(ROOT)}: edits sys.path")
+        offenders += [
+            f"{f.relative_to(ROOT)}: {m}" for m in imported_modules(f) if m.split(".")[0] in helpers
+        ]
+    assert offenders == []
+
+
+def test_docs_link_only_to_files_inside_the_repository() -> None:
+    import re
+
+    for doc in (ROOT / "README.md", ROOT / "docs" / "ARCHITECTURE.md"):
+        text = doc.read_text(encoding="utf-8")
+        assert "../shared" not in text, doc.name
+        for target in re.findall(r"\]\(([^)#\s]+)\)", text):
+            if "://" in target:
+                continue
+            path = (doc.parent / target).resolve()
+            assert path.is_relative_to(ROOT) and path.exists(), f"{doc.name}: {target}"

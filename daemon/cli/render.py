@@ -1,0 +1,228 @@
+"""What the commands print: overall progress, ETA, bars, the tables and the JSON shapes.
+
+Pure functions of ledger rows (jobs, stages, exports, daemons) and the clock; they read
+nothing themselves, so they are tested without a ledger.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from daemon.humanize import clock
+from daemon.states import JobState, StageState
+from pipeline.stages import STAGE_WEIGHTS
+
+
+def iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds") if ts else None
+
+
+def job_progress(job: Any, stages: list[Any]) -> float:
+    """A job's overall progress in [0, 1]: each stage counts by its weight in
+    pipeline.stages.STAGE_WEIGHTS (1 for a stage missing there); a done stage counts
+    fully, a running one by its own progress, the others not at all. A succeeded job is
+    complete whatever its stage rows say (a retry from a later stage leaves earlier rows)."""
+    if job.state == JobState.SUCCEEDED.value:
+        return 1.0
+    total = sum(STAGE_WEIGHTS.get(s.name, 1) for s in stages) or 1
+    done = 0.0
+    for s in stages:
+        w = STAGE_WEIGHTS.get(s.name, 1)
+        if s.state == StageState.DONE.value:
+            done += w
+        elif s.state == StageState.RUNNING.value:
+            done += w * s.progress
+    return done / total
+
+
+def job_json(job: Any, stages: list[Any], exports: list[str]) -> dict[str, Any]:
+    """One job as `dropmesh status --json` prints it."""
+    progress = job_progress(job, stages)
+    return {
+        "id": job.id,
+        "project": job.project,
+        "state": job.state,
+        "stage": job.stage,
+        "progress": round(progress, 4),
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "priority": job.priority,
+        "error": job.error,
+        "cancel_requested": job.cancel_requested,
+        "worker": job.worker,
+        "host": job.host,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "next_attempt_at": iso(job.next_attempt_at),
+        "exports": exports,
+        "stages": [
+            {
+                "name": s.name,
+                "state": s.state,
+                "progress": round(s.progress, 4),
+                "message": s.message,
+                "attempt": s.attempt,
+                "duration_s": s.duration_s,
+                "peak_rss_mb": s.peak_rss_mb,
+                "device": s.device,
+                "metrics": s.metrics,
+            }
+            for s in stages
+        ],
+    }
+
+
+def bar(fraction: float, width: int = 20) -> str:
+    filled = int(round(fraction * width))
+    return "█" * filled + "░" * (width - filled)
+
+
+STATE_STYLE = {
+    "queued": "cyan",
+    "running": "yellow",
+    "waiting": "magenta",
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "dim",
+}
+
+
+def eta(job: Any, progress: float, now: float | None = None) -> str:
+    """Time left, extrapolated from the time spent so far; "-" unless the job runs and
+    has made enough progress (over 2 %) for the guess to mean something."""
+    if job.state != JobState.RUNNING.value or not job.started_at or progress <= 0.02:
+        return "-"
+    elapsed = (time.time() if now is None else now) - job.started_at
+    return clock(elapsed * (1 - progress) / progress)
+
+
+def jobs_table(jobs: list[Any], stages: dict[str, list[Any]]) -> Table:
+    t = Table(title=None, expand=False)
+    for col in ("job", "project", "state", "stage", "progress", "elapsed", "eta", "note"):
+        t.add_column(col, no_wrap=col != "note", overflow="fold")
+    for job in jobs:
+        p = job_progress(job, stages.get(job.id, []))
+        end = job.finished_at or time.time()
+        elapsed = end - job.started_at if job.started_at else None
+        note = job.error or ""
+        if job.state == JobState.WAITING.value and job.next_attempt_at:
+            note = f"retry in {max(0, int(job.next_attempt_at - time.time()))} s; {note}"
+        if job.cancel_requested and job.state == JobState.RUNNING.value:
+            note = "cancelling"
+        style = STATE_STYLE.get(job.state, "")
+        t.add_row(
+            job.id,
+            job.project,
+            f"[{style}]{job.state}[/{style}]",
+            job.stage or "-",
+            f"{bar(p, 12)} {p * 100:5.1f}%",
+            clock(elapsed),
+            eta(job, p),
+            note,
+        )
+    return t
+
+
+def job_detail(job: Any, stages: list[Any], exports: list[str]) -> Table:
+    p = job_progress(job, stages)
+    t = Table(
+        title=f"job {job.id} · {job.project} · {job.state} · {p * 100:.1f}% · "
+        f"attempt {job.attempts}/{job.max_attempts}",
+        expand=False,
+    )
+    for col in ("stage", "state", "progress", "time", "peak MB", "message"):
+        t.add_column(col, overflow="fold")
+    for s in stages:
+        style = {"done": "green", "running": "yellow", "failed": "red"}.get(s.state, "dim")
+        dur = s.duration_s
+        if s.state == StageState.RUNNING.value and s.started_at:
+            dur = time.time() - s.started_at
+        t.add_row(
+            s.name,
+            f"[{style}]{s.state}[/{style}]",
+            f"{bar(s.progress)} {s.progress * 100:5.1f}%",
+            clock(dur) if dur is not None else "-",
+            f"{s.peak_rss_mb:.0f}" if s.peak_rss_mb else "-",
+            s.message or "",
+        )
+    if job.error:
+        t.caption = f"error: {job.error}"
+    elif exports:
+        t.caption = "exports: " + ", ".join(exports)
+    return t
+
+
+def export_items(rows: list[tuple[Any, str]]) -> list[dict[str, Any]]:
+    """(export row, project) pairs as `dropmesh exports --json` prints them."""
+    return [
+        {
+            "job": e.job_id,
+            "project": p,
+            "filename": Path(e.path).name,
+            "format": e.format,
+            "size": e.bytes,
+            "size_mb": round(e.bytes / 1e6, 3),
+            "sha256": e.sha256,
+            "created_at": iso(e.created_at),
+            "path": e.path,
+            "exists": Path(e.path).exists(),
+        }
+        for e, p in rows
+    ]
+
+
+def exports_table(items: list[dict[str, Any]]) -> Table:
+    t = Table()
+    for col in ("project", "job", "filename", "format", "MB", "created", "path"):
+        t.add_column(col, overflow="fold")
+    for i in items:
+        t.add_row(
+            str(i["project"]),
+            str(i["job"]),
+            str(i["filename"]),
+            str(i["format"]),
+            f"{i['size_mb']:.2f}",
+            str(i["created_at"]),
+            str(i["path"]) + ("" if i["exists"] else " [red](missing)[/red]"),
+        )
+    return t
+
+
+def worker_item(w: Any, live: bool, age: float, jobs: list[str]) -> dict[str, Any]:
+    """One daemon row as `dropmesh workers --json` prints it."""
+    return {
+        "id": w.id,
+        "host": w.host,
+        "pid": w.pid,
+        "live": live,
+        "heartbeat_age_s": round(age, 1),
+        "started_at": iso(w.started_at),
+        "cuda_devices": w.cuda_devices,
+        "gpu_stages": w.gpu_stages,
+        "max_jobs": w.max_jobs,
+        "jobs": sorted(jobs),
+    }
+
+
+def workers_table(items: list[dict[str, Any]], now: float) -> Table:
+    t = Table()
+    for col in ("host", "pid", "state", "heartbeat", "up", "GPUs", "jobs", "running"):
+        t.add_column(col, overflow="fold")
+    for i in items:
+        t.add_row(
+            str(i["host"]),
+            str(i["pid"]),
+            "[green]live[/green]" if i["live"] else "[red]stale[/red]",
+            f"{i['heartbeat_age_s']:.1f} s ago",
+            clock(now - datetime.fromisoformat(str(i["started_at"])).timestamp()),
+            str(i["cuda_devices"]) if i["cuda_devices"] else f"- ({i['gpu_stages']})",
+            f"{len(i['jobs'])}/{i['max_jobs']}",
+            ", ".join(i["jobs"]) or "-",
+        )
+    return t
