@@ -14,30 +14,8 @@ from typing import Any
 from rich.table import Table
 
 from daemon.humanize import clock
+from daemon.progress import iso, job_progress, seconds_left
 from daemon.states import JobState, StageState
-from pipeline.stages import STAGE_WEIGHTS
-
-
-def iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds") if ts else None
-
-
-def job_progress(job: Any, stages: list[Any]) -> float:
-    """A job's overall progress in [0, 1]: each stage counts by its weight in
-    pipeline.stages.STAGE_WEIGHTS (1 for a stage missing there); a done stage counts
-    fully, a running one by its own progress, the others not at all. A succeeded job is
-    complete whatever its stage rows say (a retry from a later stage leaves earlier rows)."""
-    if job.state == JobState.SUCCEEDED.value:
-        return 1.0
-    total = sum(STAGE_WEIGHTS.get(s.name, 1) for s in stages) or 1
-    done = 0.0
-    for s in stages:
-        w = STAGE_WEIGHTS.get(s.name, 1)
-        if s.state == StageState.DONE.value:
-            done += w
-        elif s.state == StageState.RUNNING.value:
-            done += w * s.progress
-    return done / total
 
 
 def job_json(job: Any, stages: list[Any], exports: list[str]) -> dict[str, Any]:
@@ -94,12 +72,9 @@ STATE_STYLE = {
 
 
 def eta(job: Any, progress: float, now: float | None = None) -> str:
-    """Time left, extrapolated from the time spent so far; "-" unless the job runs and
-    has made enough progress (over 2 %) for the guess to mean something."""
-    if job.state != JobState.RUNNING.value or not job.started_at or progress <= 0.02:
-        return "-"
-    elapsed = (time.time() if now is None else now) - job.started_at
-    return clock(elapsed * (1 - progress) / progress)
+    """Time left as `m:ss` (see daemon.progress.seconds_left), "-" when unknown."""
+    left = seconds_left(job, progress, time.time() if now is None else now)
+    return "-" if left is None else clock(left)
 
 
 def jobs_table(jobs: list[Any], stages: dict[str, list[Any]]) -> Table:

@@ -10,38 +10,18 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import case, func, or_, select
 
 from daemon.listing import Listing
+from daemon.progress import iso, job_progress, seconds_left
 from daemon.schema import events, exports, jobs, stages
 from daemon.states import ACTIVE, JobState, StageState
-from pipeline.stages import STAGE_WEIGHTS
 
 PER_PAGE_MAX = 200
 STATES = [s.value for s in JobState]
-
-
-def iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds") if ts else None
-
-
-def job_progress(state: str, stage_rows: Sequence[Any]) -> float:
-    """Overall fraction done: stages weighted by their share of a job's time."""
-    if state == JobState.SUCCEEDED.value:
-        return 1.0
-    total = sum(STAGE_WEIGHTS.get(s.name, 1) for s in stage_rows) or 1
-    done = 0.0
-    for s in stage_rows:
-        w = STAGE_WEIGHTS.get(s.name, 1)
-        if s.state == StageState.DONE.value:
-            done += w
-        elif s.state == StageState.RUNNING.value:
-            done += w * s.progress
-    return done / total
 
 
 def stage_json(s: Any, now: float) -> dict[str, Any]:
@@ -64,13 +44,11 @@ def stage_json(s: Any, now: float) -> dict[str, Any]:
 
 def job_json(job: Any, stage_rows: Sequence[Any], *, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
-    progress = job_progress(job.state, stage_rows)
+    progress = job_progress(job, stage_rows)
     elapsed = None
     if job.started_at:
         elapsed = (job.finished_at or now) - job.started_at
-    eta = None
-    if job.state == JobState.RUNNING.value and elapsed and progress > 0.02:
-        eta = elapsed * (1 - progress) / progress
+    eta = seconds_left(job, progress, now)
     return {
         "id": job.id,
         "project": job.project,
