@@ -25,9 +25,10 @@ SUITES = {
     "memory": "bench.memory",
     "compare": "bench.compare",
     "service": "bench.service",
+    "texture": "bench.texture",
 }
 # `python -m bench` with no suite named: all but compare (it needs a baseline commit)
-DEFAULT = ("pipeline", "sparse", "stereo", "daemon", "scaling", "memory", "service")
+DEFAULT = ("pipeline", "sparse", "stereo", "daemon", "scaling", "memory", "service", "texture")
 QUICK_SERVICE = ["--drops", "30", "--jobs", "2000", "--cancels", "5"]
 
 

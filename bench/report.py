@@ -13,7 +13,7 @@ DOC = ROOT / "BENCHMARKS.md"
 PLOT = RESULTS / "scaling.png"
 STAGES = (
     "ingest", "features", "matching", "mapping", "undistort",
-    "stereo", "fusion", "meshing", "color", "export",
+    "stereo", "fusion", "meshing", "color", "texture", "export",
 )  # fmt: skip
 
 

@@ -232,7 +232,7 @@ def render_preview(ctx: StageContext, mesh: trimesh.Trimesh) -> bytes:
 def _preview_view(workspace: Path, vertices: np.ndarray) -> texturing.View | None:
     """The registered photo that shows most of the mesh (most vertices inside it)."""
     try:
-        views = texturing.load_views(workspace)
+        views = texturing.load_views(workspace / "undistort")
     except Exception:  # noqa: BLE001 - a preview must never fail the export
         return None
     best, best_n = None, -1

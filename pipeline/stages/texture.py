@@ -27,6 +27,7 @@ the bottom of the image, per-vertex colours), `texture.png` and `metrics.json`.
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,8 +58,8 @@ TEXTURE = "texture.png"
 PADDING = 4  # texels between charts
 MIN_TEXELS_PER_FACE = 4.0  # below this the atlas cannot hold the mesh
 MIN_COS = 0.08  # faces seen more obliquely than ~85 degrees do not take that photo
-GRAD_FLOOR = 0.02  # keeps flat, textureless faces choosing by projected area
-SMOOTHNESS = 0.25  # Potts cost of a label change between neighbouring faces
+GRAD_FLOOR = 0.2  # keeps flat, textureless faces choosing by projected area (measured: 0.02-1.0)
+SMOOTHNESS = 1.0  # Potts cost of a label change between neighbouring faces (data costs in [0, 1])
 BP_ITERATIONS = 20
 GAIN_REGULARISER = 0.05
 ROWS_PER_CHUNK = 256  # atlas rows rasterised between cancel checks
@@ -115,17 +116,17 @@ class View:
         return rgb
 
 
-def load_views(workspace: Path) -> list[View]:
-    """The registered photos of `<ws>/undistort/` with their pinhole cameras."""
+def load_views(folder: Path) -> list[View]:
+    """The registered photos of a COLMAP dense workspace (`<ws>/undistort/`: `sparse/`,
+    `images/`) with their pinhole cameras."""
     import pycolmap
 
-    sparse_dir = workspace / "undistort" / "sparse"
-    rec = pycolmap.Reconstruction(str(sparse_dir))
+    rec = pycolmap.Reconstruction(str(folder / "sparse"))
     views = []
     for image_id in sorted(rec.reg_image_ids(), key=lambda i: rec.images[i].name):
         image = rec.images[image_id]
         camera = rec.cameras[image.camera_id]
-        path = workspace / "undistort" / "images" / image.name
+        path = folder / "images" / image.name
         if not path.is_file():
             raise PermanentError(
                 f"photo {image.name} is missing from the workspace ({path})",
@@ -168,6 +169,38 @@ def _gradient_magnitude(rgb: np.ndarray) -> np.ndarray:
     gx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3)
     gy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3)
     return np.asarray(cv2.GaussianBlur(np.sqrt(gx * gx + gy * gy), (5, 5), 1.0))
+
+
+def full_resolution_views(ctx: StageContext, views: list[View], folder: Path) -> list[View]:
+    """The same photos undistorted at the size ingest left them (undistort shrinks them
+    to the depth maps' size), into `folder`; `views` if they are that size already."""
+    import pycolmap
+
+    model = ctx.workspace / "mapping" / "sparse" / "0"
+    images = ctx.workspace / "ingest" / "images"
+    if not model.is_dir() or not images.is_dir():
+        return views
+    rec = pycolmap.Reconstruction(str(model))
+    biggest = max((max(c.width, c.height) for c in rec.cameras.values()), default=0)
+    if biggest <= max(max(v.width, v.height) for v in views):
+        return views
+    options = pycolmap.UndistortCameraOptions()
+    options.max_image_size = -1
+    ctx.check_cancelled()
+    pycolmap.undistort_images(
+        folder,
+        model,
+        images,
+        output_type="COLMAP",
+        undistort_options=options,
+        jpeg_quality=95,
+        num_threads=num_threads(ctx),
+    )
+    ctx.check_cancelled()
+    full = load_views(folder)
+    if [v.name for v in full] != [v.name for v in views]:
+        return views  # another model than undistort's: keep to undistort's photos
+    return full
 
 
 # ---------------------------------------------------------------- step 1: what each view sees
@@ -329,6 +362,10 @@ def _shelf_pack(sizes: np.ndarray, width: int) -> tuple[np.ndarray, int]:
     return offsets, y + row
 
 
+def _pow2_at_least(n: int, cap: int) -> int:
+    return min(cap, 1 << max(0, int(n) - 1).bit_length())
+
+
 CELL = 8  # texels of the square cell of a face no photo sees
 
 
@@ -384,8 +421,9 @@ def build_atlas(
             stage=STAGE,
             hint="lower the face_budget option or raise texture_size",
         )
-    height = max(4, int(math.ceil(used / 4.0) * 4))
-    width = max(4, int(math.ceil(max(int((offsets[:, 0] + sizes[:, 0]).max()), 1) / 4.0) * 4))
+    # power-of-two sides where the preset's size is one, for mipmapping in every viewer
+    width = max(4, _pow2_at_least(int((offsets[:, 0] + sizes[:, 0]).max()), texture_size))
+    height = max(4, _pow2_at_least(used, texture_size))
     corner_uv = np.zeros((m, 3, 2))
     if len(lf):
         p = patch[lf]
@@ -530,9 +568,33 @@ def run(ctx: StageContext) -> StageResult:
         else np.full((len(vertices), 3), 0.8)
     )
     atlas_size_for(len(faces), texture_size)
-    views = load_views(ctx.workspace)
+    views = load_views(ctx.workspace / "undistort")
     if not views:
         raise PermanentError("no registered photo to texture from", stage=STAGE)
+    with building(ctx, STAGE) as out:
+        step = Timer()
+        photos = out / "photos"
+        views = full_resolution_views(ctx, views, photos)
+        result = _texture(ctx, out, vertices, faces, colours, views, texture_size)
+        result.metrics["photos_s"] = step.seconds - result.metrics["seconds"]
+        result.metrics["photo_size"] = max(max(v.width, v.height) for v in views)
+        result.metrics["seconds"] = timer.seconds
+        shutil.rmtree(photos, ignore_errors=True)
+        record(out, result)
+    ctx.progress(1.0, result.metrics["summary"])
+    return result
+
+
+def _texture(
+    ctx: StageContext,
+    out: Path,
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    colours: np.ndarray,
+    views: list[View],
+    texture_size: int,
+) -> StageResult:
+    timer = Timer()
     threads = num_threads(ctx)
     timings: dict[str, float] = {}
 
@@ -645,38 +707,36 @@ def run(ctx: StageContext) -> StageResult:
     uv = np.stack([uv_px[:, 0] / width, 1.0 - uv_px[:, 1] / height], axis=1)
     vcol = (np.clip(colours[vmap], 0, 1) * 255 + 0.5).astype(np.uint8)
     ctx.progress(0.95, "writing the texture")
-    with building(ctx, STAGE) as out:
-        np.savez(
-            out / MESH,
-            vertices=vertices[vmap],
-            faces=new_faces.astype(np.int32),
-            uv=uv.astype(np.float32),
-            vertex_colours=vcol,
-            source_vertex=vmap.astype(np.int32),
-        )
-        img8 = (texture * 255 + 0.5).astype(np.uint8)
-        Image.fromarray(img8).save(out / TEXTURE, format="PNG", compress_level=1)
-        textured = int((labels >= 0).sum())
-        metrics: dict[str, Any] = {
-            "faces": len(faces),
-            "vertices": len(vmap),
-            "texture_size": [width, height],
-            "texture_size_preset": texture_size,
-            "charts": charts,
-            "views": len(views),
-            "views_used": len(used),
-            "faces_textured": textured,
-            "faces_vertex_colour": len(faces) - textured,
-            "seam_vertices": seam_vertices,
-            "gain_range": [round(float(gains.min()), 4), round(float(gains.max()), 4)],
-            "atlas_fill": round(float(filled.mean()), 4),
-            "threads": threads,
-            **{k: round(v, 3) for k, v in timings.items()},
-            "seconds": timer.seconds,
-        }
-        result = record(out, StageResult(metrics=metrics))
-    ctx.progress(1.0, f"textured {textured}/{len(faces)} faces from {len(used)} photos")
-    return result
+    np.savez(
+        out / MESH,
+        vertices=vertices[vmap],
+        faces=new_faces.astype(np.int32),
+        uv=uv.astype(np.float32),
+        vertex_colours=vcol,
+        source_vertex=vmap.astype(np.int32),
+    )
+    img8 = (texture * 255 + 0.5).astype(np.uint8)
+    Image.fromarray(img8).save(out / TEXTURE, format="PNG", compress_level=1)
+    textured = int((labels >= 0).sum())
+    metrics: dict[str, Any] = {
+        "faces": len(faces),
+        "vertices": len(vmap),
+        "texture_size": [width, height],
+        "texture_size_preset": texture_size,
+        "charts": charts,
+        "views": len(views),
+        "views_used": len(used),
+        "faces_textured": textured,
+        "faces_vertex_colour": len(faces) - textured,
+        "seam_vertices": seam_vertices,
+        "gain_range": [round(float(gains.min()), 4), round(float(gains.max()), 4)],
+        "atlas_fill": round(float(filled.mean()), 4),
+        "threads": threads,
+        **{k: round(v, 3) for k, v in timings.items()},
+        "seconds": timer.seconds,
+        "summary": f"textured {textured}/{len(faces)} faces from {len(used)} photos",
+    }
+    return StageResult(metrics=metrics)
 
 
 def level_seams(
@@ -743,3 +803,75 @@ def level_seams(
     found = (key[order][pos] == fk) & (labels[:, None] >= 0)
     offsets[found] = delta[order][pos[found]]
     return gains, offsets, int(len(start))
+
+
+# ---------------------------------------------------------------- measurement (tests, bench)
+
+
+def image_scores(photo: np.ndarray, rendered: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """PSNR (dB) after one least-squares gain per channel, SSIM (grey, Gaussian window,
+    over the covered pixels) and coverage of `rendered` against `photo`, both (h, w, 3)
+    in [0, 1]; `mask` marks the pixels the mesh covers."""
+    if not mask.any():
+        return {"psnr_db": 0.0, "ssim": 0.0, "coverage": 0.0}
+    p, r = photo[mask].astype(np.float64), rendered[mask].astype(np.float64)
+    gain = (p * r).sum(axis=0) / np.maximum((r * r).sum(axis=0), 1e-12)
+    mse = float(((p - r * gain) ** 2).mean())
+    psnr = 10.0 * math.log10(1.0 / max(mse, 1e-12))
+    grey_p = photo.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    corrected = np.clip(rendered.astype(np.float64) * gain, 0.0, 1.0)
+    grey_r = corrected @ np.array([0.299, 0.587, 0.114])
+    grey_r = np.where(mask, grey_r, grey_p)  # uncovered pixels do not enter the windows' stats
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        return np.asarray(ndimage.gaussian_filter(x, 1.5))
+
+    mu_p, mu_r = blur(grey_p), blur(grey_r)
+    var_p = blur(grey_p * grey_p) - mu_p**2
+    var_r = blur(grey_r * grey_r) - mu_r**2
+    cov = blur(grey_p * grey_r) - mu_p * mu_r
+    c1, c2 = 0.01**2, 0.03**2
+    ssim = ((2 * mu_p * mu_r + c1) * (2 * cov + c2)) / (
+        (mu_p**2 + mu_r**2 + c1) * (var_p + var_r + c2)
+    )
+    inner = ndimage.binary_erosion(mask, iterations=3)
+    return {
+        "psnr_db": round(psnr, 3),
+        "ssim": round(float(ssim[inner].mean()) if inner.any() else 0.0, 4),
+        "coverage": round(float(mask.mean()), 4),
+    }
+
+
+def held_out_scores(
+    workspace: Path,
+    photo: np.ndarray,
+    K: np.ndarray,
+    R: np.ndarray,
+    t: np.ndarray,
+    to_frame: Callable[[np.ndarray], np.ndarray] = lambda p: p,
+) -> dict[str, dict[str, float]]:
+    """Scores of the textured mesh, the vertex-coloured mesh and a flat mean colour,
+    rendered from a camera the job never saw (K, R, t in the frame `to_frame` maps the
+    model's coordinates to) against that camera's photo (h, w, 3) in [0, 1]."""
+    h, w = photo.shape[:2]
+    mesh, texture = load_textured(workspace / STAGE)
+    tex_rgb, tex_mask = render(
+        to_frame(mesh["vertices"]), mesh["faces"], K, R, t, w, h, uv=mesh["uv"], texture=texture
+    )
+    coloured = o3d.io.read_triangle_mesh(workspace / "color" / "mesh.ply")
+    vc_rgb, vc_mask = render(
+        to_frame(np.asarray(coloured.vertices)),
+        np.asarray(coloured.triangles),
+        K,
+        R,
+        t,
+        w,
+        h,
+        vertex_colours=np.asarray(coloured.vertex_colors),
+    )
+    flat = np.broadcast_to(photo[vc_mask].mean(axis=0), photo.shape)
+    return {
+        "textured": image_scores(photo, tex_rgb, tex_mask),
+        "vertex_colour": image_scores(photo, vc_rgb, vc_mask),
+        "flat": image_scores(photo, np.asarray(flat), vc_mask),
+    }
