@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import write_results
-from bench.workload import run_pipeline_children, scene, spec_json
+from bench.workload import load, run_pipeline_children, scene, spec_json
 
 SIZE = (1024, 768)
 HELD_OUT = 3  # every n_images // HELD_OUT-th photo, starting at 1
@@ -34,10 +34,12 @@ def held_out_figures(workspace: Path, scene_dir: Path, names: list[str]) -> dict
     truth = json.loads(truth_json.read_text())
     alignment = align_to_truth(workspace / "undistort" / "sparse", truth_json)
     per_view = {}
+    strip: list[np.ndarray] = []
     for name in names:
         cam = truth["images"][name]
         with Image.open(scene_dir / "images" / name) as im:
             photo = np.asarray(im.convert("RGB"), np.float64) / 255.0
+        renders: dict[str, np.ndarray] = {}
         per_view[name] = held_out_scores(
             workspace,
             photo,
@@ -45,6 +47,16 @@ def held_out_figures(workspace: Path, scene_dir: Path, names: list[str]) -> dict
             np.asarray(cam["R"]),
             np.asarray(cam["t"]),
             alignment.apply,
+            renders,
+        )
+        if not strip:  # photo | vertex colours | texture, for BENCHMARKS.md
+            strip = [photo, renders["vertex_colour"], renders["textured"]]
+    if strip:
+        from bench.report import RESULTS
+
+        row = np.concatenate(strip, axis=1)
+        Image.fromarray((np.clip(row, 0, 1) * 255 + 0.5).astype(np.uint8)).save(
+            RESULTS / "texture.png"
         )
     mean = {
         kind: {
@@ -68,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     photos = sorted((scene_dir / "images").glob("*.jpg"))
     step = max(2, n_images // HELD_OUT)
     held = [p.name for p in photos[1::step]][:HELD_OUT]
+    before = load()
     with tempfile.TemporaryDirectory(prefix="dropmesh-bench-texture-") as tmp:
         images = Path(tmp) / "images"
         images.mkdir()
@@ -85,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     share = stages["texture"]["wall_s"] / total
     results = {
         "quick": args.quick,
+        "load_before": before,
+        "load_after": load(),
         "quality": quality,
         "images": n_images - len(held),
         "held_out": held,

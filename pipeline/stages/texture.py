@@ -849,10 +849,12 @@ def held_out_scores(
     R: np.ndarray,
     t: np.ndarray,
     to_frame: Callable[[np.ndarray], np.ndarray] = lambda p: p,
+    renders: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Scores of the textured mesh, the vertex-coloured mesh and a flat mean colour,
     rendered from a camera the job never saw (K, R, t in the frame `to_frame` maps the
-    model's coordinates to) against that camera's photo (h, w, 3) in [0, 1]."""
+    model's coordinates to) against that camera's photo (h, w, 3) in [0, 1]. `renders`,
+    if given, receives the two renderings ("textured", "vertex_colour")."""
     h, w = photo.shape[:2]
     mesh, texture = load_textured(workspace / STAGE)
     tex_rgb, tex_mask = render(
@@ -870,6 +872,8 @@ def held_out_scores(
         vertex_colours=np.asarray(coloured.vertex_colors),
     )
     flat = np.broadcast_to(photo[vc_mask].mean(axis=0), photo.shape)
+    if renders is not None:
+        renders["textured"], renders["vertex_colour"] = tex_rgb, vc_rgb
     return {
         "textured": image_scores(photo, tex_rgb, tex_mask),
         "vertex_colour": image_scores(photo, vc_rgb, vc_mask),
