@@ -498,10 +498,13 @@ def render(
     uv: np.ndarray | None = None,
     texture: np.ndarray | None = None,
     vertex_colours: np.ndarray | None = None,
+    rays: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ray-cast the mesh from a pinhole camera: (h, w, 3) float colours in [0, 1] and the
     mask of pixels the mesh covers. Colours come from `texture` sampled through `uv`
-    (OBJ convention, v = 0 at the bottom) or else from `vertex_colours` ([0, 1])."""
+    (OBJ convention, v = 0 at the bottom) or else from `vertex_colours` ([0, 1]).
+    `rays` (h, w, 6: origin, direction), if given, replace the pinhole's (a camera with
+    lens distortion)."""
     scene = o3d.t.geometry.RaycastingScene()
     scene.add_triangles(
         o3d.core.Tensor.from_numpy(np.ascontiguousarray(np.asarray(vertices, np.float32))),
@@ -509,15 +512,18 @@ def render(
     )
     extrinsic = np.eye(4)
     extrinsic[:3, :3], extrinsic[:3, 3] = R, t
-    rays = o3d.t.geometry.RaycastingScene.create_rays_pinhole(
-        intrinsic_matrix=o3d.core.Tensor.from_numpy(
-            np.ascontiguousarray(np.asarray(K, np.float64))
-        ),
-        extrinsic_matrix=o3d.core.Tensor.from_numpy(np.ascontiguousarray(extrinsic)),
-        width_px=int(width),
-        height_px=int(height),
-    )
-    hit = scene.cast_rays(rays)
+    if rays is None:
+        cast = o3d.t.geometry.RaycastingScene.create_rays_pinhole(
+            intrinsic_matrix=o3d.core.Tensor.from_numpy(
+                np.ascontiguousarray(np.asarray(K, np.float64))
+            ),
+            extrinsic_matrix=o3d.core.Tensor.from_numpy(np.ascontiguousarray(extrinsic)),
+            width_px=int(width),
+            height_px=int(height),
+        )
+    else:
+        cast = o3d.core.Tensor.from_numpy(np.ascontiguousarray(rays, np.float32))
+    hit = scene.cast_rays(cast)
     ok = np.isfinite(hit["t_hit"].numpy())
     prim = hit["primitive_ids"].numpy()[ok].astype(np.int64)
     buv = hit["primitive_uvs"].numpy()[ok].astype(np.float64)
@@ -850,15 +856,26 @@ def held_out_scores(
     t: np.ndarray,
     to_frame: Callable[[np.ndarray], np.ndarray] = lambda p: p,
     renders: dict[str, np.ndarray] | None = None,
+    rays: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
     """Scores of the textured mesh, the vertex-coloured mesh and a flat mean colour,
     rendered from a camera the job never saw (K, R, t in the frame `to_frame` maps the
     model's coordinates to) against that camera's photo (h, w, 3) in [0, 1]. `renders`,
-    if given, receives the two renderings ("textured", "vertex_colour")."""
+    if given, receives the two renderings ("textured", "vertex_colour"); `rays`
+    (h, w, 6) replace the pinhole camera's, for a photo with lens distortion."""
     h, w = photo.shape[:2]
     mesh, texture = load_textured(workspace / STAGE)
     tex_rgb, tex_mask = render(
-        to_frame(mesh["vertices"]), mesh["faces"], K, R, t, w, h, uv=mesh["uv"], texture=texture
+        to_frame(mesh["vertices"]),
+        mesh["faces"],
+        K,
+        R,
+        t,
+        w,
+        h,
+        uv=mesh["uv"],
+        texture=texture,
+        rays=rays,
     )
     coloured = o3d.io.read_triangle_mesh(workspace / "color" / "mesh.ply")
     vc_rgb, vc_mask = render(
@@ -870,6 +887,7 @@ def held_out_scores(
         w,
         h,
         vertex_colours=np.asarray(coloured.vertex_colors),
+        rays=rays,
     )
     flat = np.broadcast_to(photo[vc_mask].mean(axis=0), photo.shape)
     if renders is not None:
