@@ -21,7 +21,7 @@ from pipeline.stages import texture as texturing
 from pipeline.stages._workspace import record
 
 HELD_OUT = ("view_004.jpg", "view_011.jpg")
-MIN_GAIN_DB = 2.5  # textured over vertex-coloured, mean over the held-out views (measured 2.96)
+MIN_GAIN_DB = 2.0  # textured over vertex-coloured, mean over the held-out views (measured 2.5-3.0)
 
 
 def _context(workspace: Path, images: Path, **options: Any) -> StageContext:
