@@ -252,8 +252,8 @@ def texture_section(d: dict[str, Any]) -> str:
     ]
     t = d["texture"]
     picture = (
-        "\n\n![photo | vertex colours | texture](bench/results/texture.png)"
-        if (RESULTS / "texture.png").is_file()
+        "\n\n![photo | vertex colours | texture](bench/results/texture.jpg)"
+        if (RESULTS / "texture.jpg").is_file()
         else ""
     )
     return (

@@ -56,7 +56,7 @@ def held_out_figures(workspace: Path, scene_dir: Path, names: list[str]) -> dict
 
         row = np.concatenate(strip, axis=1)
         Image.fromarray((np.clip(row, 0, 1) * 255 + 0.5).astype(np.uint8)).save(
-            RESULTS / "texture.png"
+            RESULTS / "texture.jpg", quality=88
         )
     mean = {
         kind: {
