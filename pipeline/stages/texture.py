@@ -284,15 +284,17 @@ def potts_labels(
     `cost` is (faces, labels) with np.inf where a label is not allowed."""
     n, k = cost.shape
     big = 1e3
-    data = np.where(np.isfinite(cost), cost, big).astype(np.float64)
+    data = np.where(np.isfinite(cost), cost, big).astype(np.float32)  # memory: 2 x edges x photos
     if len(pairs) == 0 or k == 1:
         return np.asarray(np.argmin(data, axis=1))
     src = np.concatenate([pairs[:, 0], pairs[:, 1]])
     dst = np.concatenate([pairs[:, 1], pairs[:, 0]])
     e = len(pairs)
     reverse = np.concatenate([np.arange(e, 2 * e), np.arange(e)])
-    incoming = sparse.csr_matrix((np.ones(2 * e), (dst, np.arange(2 * e))), shape=(n, 2 * e))
-    messages = np.zeros((2 * e, k))
+    incoming = sparse.csr_matrix(
+        (np.ones(2 * e, np.float32), (dst, np.arange(2 * e))), shape=(n, 2 * e)
+    )
+    messages = np.zeros((2 * e, k), np.float32)
     for _ in range(iterations):
         if check is not None:
             check()
@@ -643,7 +645,7 @@ def _texture(
     # --- 2. labels
     step = Timer()
     ctx.progress(0.4, "choosing a photo per face")
-    cost = np.full((len(faces), len(views)), np.inf)
+    cost = np.full((len(faces), len(views)), np.inf, np.float32)
     best = np.zeros(len(faces))
     for k, (f, s) in enumerate(seen):
         cost[f, k] = s

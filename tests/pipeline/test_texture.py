@@ -377,3 +377,20 @@ def test_left_out_real_photos_are_explained_better_by_the_texture(
         gains.append(tex["psnr_db"] - vc["psnr_db"])
     assert len(gains) >= 2, "the left-out frames were not placed"
     assert float(np.mean(gains)) >= MIN_CASTEL_GAIN_DB, gains
+
+
+def test_potts_labels_smooth_a_noisy_choice_and_respect_what_is_not_seen() -> None:
+    rng = np.random.default_rng(0)
+    n = 400  # a strip of faces, each the neighbour of the next
+    pairs = np.stack([np.arange(n - 1), np.arange(1, n)], axis=1)
+    truth = (np.arange(n) >= n // 2).astype(np.int64)  # photo 0, then photo 1
+    cost = rng.uniform(0.0, 1.0, (n, 3))
+    cost[np.arange(n), truth] -= 0.3  # the right photo is better on average only
+    cost[:, 2] = np.inf  # photo 2 sees nothing
+    cost[10, 0] = np.inf  # face 10 is hidden from photo 0
+    greedy = np.argmin(cost, axis=1)
+    labels = texturing.potts_labels(cost, pairs, smoothness=1.0)
+    assert (greedy != truth).sum() > 50
+    assert (labels != truth).sum() < 10
+    assert np.count_nonzero(np.diff(labels)) < 6  # a few patches, not hundreds
+    assert labels[10] != 0 and not (labels == 2).any()
