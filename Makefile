@@ -8,8 +8,11 @@ APT_PACKAGES := libusb-1.0-0 libgl1 libegl1 libx11-6 libudev1 libgomp1 dbus dbus
 # tests and the several-daemons tests run against a real one (started on loopback in a
 # temporary folder by the tests themselves); ViSP's image data, whose "castel" sequence of
 # real photos with a registered depth sensor tests/pipeline/test_real_photos.py reconstructs;
-# Chromium (with its fonts), which Playwright drives for the dashboard's browser tests.
-TEST_APT_PACKAGES := postgresql visp-images-data chromium fonts-dejavu-core
+# Chromium (with its fonts), which Playwright drives for the dashboard's browser tests;
+# nodejs/npm run the Khronos glTF validator (npm gltf-validator, installed into .tools/),
+# which checks every GLB the texture tests export.
+TEST_APT_PACKAGES := postgresql visp-images-data chromium fonts-dejavu-core nodejs npm
+GLTF_VALIDATOR := .tools/node_modules/gltf-validator/package.json
 # Only for `make bench`: COLMAP's own command line, the baseline the benchmarks compare to.
 BENCH_APT_PACKAGES := colmap
 # `make bench BENCH_ARGS="sparse --quick"`: some suites, smaller runs (see README).
@@ -23,6 +26,7 @@ run: sysdeps venv
 
 test: sysdeps venv lint
 	@$(MAKE) --no-print-directory sysdeps APT_PACKAGES="$(TEST_APT_PACKAGES)"
+	@$(MAKE) --no-print-directory $(GLTF_VALIDATOR)
 	DROPMESH_RELIABILITY_REPORT=$(CURDIR)/RELIABILITY.md $(BIN)/pytest -q --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; \
 	exit $$rc
@@ -39,6 +43,9 @@ reliability: sysdeps venv
 bench: sysdeps venv
 	@$(MAKE) --no-print-directory sysdeps APT_PACKAGES="$(BENCH_APT_PACKAGES) $(TEST_APT_PACKAGES)"
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+$(GLTF_VALIDATOR):
+	npm install --silent --no-audit --no-fund --prefix .tools gltf-validator
 
 demo: venv
 	$(BIN)/dropmesh demo
@@ -63,4 +70,4 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -26,9 +26,12 @@ SUITES = {
     "compare": "bench.compare",
     "service": "bench.service",
     "web": "bench.web",
+    "texture": "bench.texture",
 }
 # `python -m bench` with no suite named: all but compare (it needs a baseline commit)
-DEFAULT = ("pipeline", "sparse", "stereo", "daemon", "scaling", "memory", "service", "web")
+DEFAULT = (
+    "pipeline", "sparse", "stereo", "daemon", "scaling", "memory", "service", "web", "texture",
+)  # fmt: skip
 QUICK_SERVICE = ["--drops", "30", "--jobs", "2000", "--cancels", "5"]
 
 

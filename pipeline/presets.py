@@ -18,6 +18,7 @@ class Preset:
     # on | off: a second, pose-guided matching pass; finds more matches on hard pairs but
     # makes CPU matching ~2.5x slower
     guided_matching: str = "on"
+    texture_size: int = 4096  # longest side of the baked texture atlas, texels
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -33,6 +34,7 @@ PRESETS: dict[str, Preset] = {
         poisson_depth=8,
         face_budget=50_000,
         guided_matching="off",
+        texture_size=2048,
     ),
     "medium": Preset(
         max_image_size=1600,
@@ -51,6 +53,7 @@ PRESETS: dict[str, Preset] = {
         stereo_max_size=1600,
         poisson_depth=10,
         face_budget=1_000_000,
+        texture_size=8192,
     ),
 }
 

@@ -41,6 +41,7 @@ STAGE_TABLE: tuple[StageInfo, ...] = (
     StageInfo("fusion", uses_gpu=False, weight=8),
     StageInfo("meshing", uses_gpu=False, weight=10),
     StageInfo("color", uses_gpu=False, weight=4),
+    StageInfo("texture", uses_gpu=False, weight=8),
     StageInfo("export", uses_gpu=False, weight=4),
 )
 STAGES: tuple[str, ...] = tuple(st.name for st in STAGE_TABLE)

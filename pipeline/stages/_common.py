@@ -39,6 +39,7 @@ STEREO_WORKSPACE = ("stereo",)  # COLMAP dense workspace with depth and normal m
 FUSED_CLOUD = ("fusion", "fused.ply")  # oriented, coloured points
 MESH = ("meshing", "mesh.ply")  # trimmed, decimated Poisson surface
 COLOURED_MESH = ("color", "mesh.ply")  # the same with vertex colours
+TEXTURED_MESH = ("texture", "mesh.npz")  # UV-mapped mesh; texture.png beside it
 
 # Seed for every RANSAC and mapper run: the same photos give the same model on every run,
 # so a retry or a re-run does not trade one reconstruction for another.

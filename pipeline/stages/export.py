@@ -1,11 +1,15 @@
-"""export: publish the coloured mesh, a preview and a report into results/<project>/.
+"""export: publish the textured mesh, a preview and a report into results/<project>/.
 
-From `<ws>/color/mesh.ply` it writes, into `ctx.results_dir`:
+From `<ws>/texture/` (UV-mapped mesh and its baked texture) and `<ws>/color/mesh.ply`
+(vertex colours) it writes, into `ctx.results_dir`:
 
-- `<job>_textured_mesh_<method>.<fmt>` for each format in the request (glb, ply, obj),
-  all with per-vertex colours;
-- `<job>_preview.png`, rendered on the CPU without a display (open3d RaycastingScene,
-  vertex colours with a head-light shading) from a viewpoint of the photos;
+- `<job>_textured_mesh_<method>.<fmt>` for each format in the request:
+  glb: the texture as a JPEG inside the file, metallic 0, roughness 1 and
+  KHR_materials_unlit, so viewers show the photos' colours without relighting them;
+  obj: with `<same name>.mtl` and the texture `<same name>.jpg` beside it;
+  ply: vertex colours (PLY has no common way to carry a texture);
+- `<job>_preview.png`, rendered on the CPU without a display (open3d RaycastingScene) from
+  the viewpoint of a registered photo, with the colours as baked, and that photo beside it;
 - `<job>_report.json`: timings, images registered, reprojection error, point, vertex
   and face counts, bounding box, device used.
 
@@ -20,6 +24,7 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +36,14 @@ from PIL import Image
 from pipeline.context import FORMATS, Export, StageContext, StageResult
 from pipeline.errors import PermanentError
 from pipeline.stages import STAGES
-from pipeline.stages._common import COLOURED_MESH, Timer, require
+from pipeline.stages import texture as texturing
+from pipeline.stages._common import COLOURED_MESH, TEXTURED_MESH, Timer, require
 from pipeline.stages._workspace import building, publish_bytes, read_metrics, record
 
 STAGE = "export"
 PREVIEW_SIZE = (800, 600)
 PREVIEW_FOV = 45.0  # degrees, vertical
+JPEG_QUALITY = 90
 
 
 def mesh_name(ctx: StageContext, fmt: str) -> Path:
@@ -56,6 +63,72 @@ def vertex_colours(mesh: trimesh.Trimesh) -> np.ndarray:
     if colours is None or len(colours) != len(mesh.vertices):
         return np.full((len(mesh.vertices), 4), 200, np.uint8)
     return np.asarray(colours, np.uint8)
+
+
+class Textured:
+    """The texture stage's mesh: vertices, faces, uv (OBJ convention) and the texture."""
+
+    def __init__(self, folder: Path) -> None:
+        arrays, self.texture = texturing.load_textured(folder)
+        self.vertices = np.asarray(arrays["vertices"], np.float64)
+        self.faces = np.asarray(arrays["faces"], np.int64)
+        self.uv = np.asarray(arrays["uv"], np.float64)
+        buf = io.BytesIO()
+        Image.fromarray(self.texture).save(buf, format="JPEG", quality=JPEG_QUALITY)
+        self.jpeg = buf.getvalue()
+
+    def trimesh(self) -> trimesh.Trimesh:
+        image = Image.open(io.BytesIO(self.jpeg))  # .format "JPEG": embedded as JPEG
+        material = trimesh.visual.material.PBRMaterial(
+            name="texture",
+            baseColorTexture=image,
+            baseColorFactor=[255, 255, 255, 255],
+            metallicFactor=0.0,
+            roughnessFactor=1.0,
+            doubleSided=False,
+        )
+        visual = trimesh.visual.TextureVisuals(uv=self.uv, material=material)
+        return trimesh.Trimesh(self.vertices, self.faces, visual=visual, process=False)
+
+
+def glb_with_unlit(data: bytes) -> bytes:
+    """Add KHR_materials_unlit to every material of a GLB (JSON chunk rewritten)."""
+    magic, version, _ = struct.unpack_from("<4sII", data, 0)
+    if magic != b"glTF":
+        raise ValueError("not a GLB")
+    json_len, json_type = struct.unpack_from("<II", data, 12)
+    doc = json.loads(data[20 : 20 + json_len])
+    rest = data[20 + json_len :]
+    for material in doc.get("materials", []):
+        material.setdefault("extensions", {})["KHR_materials_unlit"] = {}
+        pbr = material.setdefault("pbrMetallicRoughness", {})
+        pbr["metallicFactor"] = 0.0
+        pbr["roughnessFactor"] = 1.0
+    used = doc.setdefault("extensionsUsed", [])
+    if "KHR_materials_unlit" not in used:
+        used.append("KHR_materials_unlit")
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 4)
+    chunk = struct.pack("<II", len(text), json_type) + text
+    total = 12 + len(chunk) + len(rest)
+    return struct.pack("<4sII", magic, version, total) + chunk + rest
+
+
+def encode_obj(tex: Textured, base: str) -> tuple[bytes, bytes]:
+    """(OBJ text, MTL text) for `base`.obj with `base`.mtl and `base`.jpg beside it."""
+    v = tex.vertices
+    out = io.StringIO()
+    out.write(f"# dropmesh\nmtllib {base}.mtl\n")
+    np.savetxt(out, v, fmt="v %.6f %.6f %.6f")
+    np.savetxt(out, tex.uv, fmt="vt %.6f %.6f")
+    out.write("usemtl texture\n")
+    f = tex.faces + 1
+    np.savetxt(out, np.repeat(f, 2, axis=1), fmt="f %d/%d %d/%d %d/%d")
+    mtl = (
+        "newmtl texture\nKa 1.000 1.000 1.000\nKd 1.000 1.000 1.000\nKs 0.000 0.000 0.000\n"
+        f"illum 1\nmap_Kd {base}.jpg\n"
+    )
+    return out.getvalue().encode(), mtl.encode()
 
 
 def encode(mesh: trimesh.Trimesh, fmt: str) -> bytes:
@@ -150,6 +223,65 @@ def render_preview(ctx: StageContext, mesh: trimesh.Trimesh) -> bytes:
     return buf.getvalue()
 
 
+def _preview_view(workspace: Path, vertices: np.ndarray) -> texturing.View | None:
+    """The registered photo that shows most of the mesh (most vertices inside it)."""
+    try:
+        views = texturing.load_views(workspace / "undistort")
+    except Exception:  # noqa: BLE001 - a preview must never fail the export
+        return None
+    best, best_n = None, -1
+    sample = vertices[:: max(1, len(vertices) // 20000)]
+    for view in views:
+        xy, z = view.project(sample)
+        n = int(
+            (
+                (z > 0)
+                & (xy[:, 0] >= 0)
+                & (xy[:, 0] < view.width)
+                & (xy[:, 1] >= 0)
+                & (xy[:, 1] < view.height)
+            ).sum()
+        )
+        if n > best_n:
+            best, best_n = view, n
+    return best
+
+
+def render_textured_preview(ctx: StageContext, tex: Textured) -> tuple[bytes, bytes | None] | None:
+    """(preview PNG, photo | render JPEG) from the viewpoint of a registered photo, with
+    the colours as baked (no shading); None if no photo can be used."""
+    view = _preview_view(ctx.workspace, tex.vertices)
+    if view is None:
+        return None
+    w, h = PREVIEW_SIZE
+    s = min(w / view.width, h / view.height)
+    K = view.K.copy()
+    K[:2] *= s
+    K[0, 2] += (w - view.width * s) / 2.0
+    K[1, 2] += (h - view.height * s) / 2.0
+    rgb, ok = texturing.render(
+        tex.vertices, tex.faces, K, view.R, view.t, w, h, uv=tex.uv, texture=tex.texture
+    )
+    backdrop = np.linspace(0.93, 0.8, h)[:, None, None] * np.ones((1, w, 3))
+    img = np.where(ok[..., None], rgb, backdrop)
+    render = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
+    buf = io.BytesIO()
+    render.save(buf, format="PNG")
+    pair: bytes | None = None
+    try:
+        with Image.open(view.path) as photo:
+            half = (w // 2, h // 2)
+            canvas = Image.new("RGB", (half[0] * 2, half[1]), (235, 235, 235))
+            canvas.paste(photo.convert("RGB").resize(half), (0, 0))
+            canvas.paste(render.resize(half), (half[0], 0))
+            out = io.BytesIO()
+            canvas.save(out, format="JPEG", quality=88)
+            pair = out.getvalue()
+    except OSError:
+        pair = None
+    return buf.getvalue(), pair
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -217,6 +349,7 @@ def build_report(ctx: StageContext, mesh: trimesh.Trimesh, exports: list[Export]
 
 def run(ctx: StageContext) -> StageResult:
     coloured = require(ctx, COLOURED_MESH)
+    textured_dir = require(ctx, TEXTURED_MESH).parent
     timer = Timer()
     formats = [f for f in dict.fromkeys(ctx.spec.formats)]
     unknown = [f for f in formats if f not in FORMATS]
@@ -225,33 +358,59 @@ def run(ctx: StageContext) -> StageResult:
             f"unknown export format(s) {', '.join(unknown)}", hint=", ".join(FORMATS)
         )
     mesh = load_coloured_mesh(coloured)
+    tex = Textured(textured_dir)
     ctx.results_dir.mkdir(parents=True, exist_ok=True)
     exports: list[Export] = []
+    extra: list[Path] = []
     steps = len(formats) + 2
     for k, fmt in enumerate(formats):
         ctx.check_cancelled()
         ctx.progress(k / steps, f"writing {fmt}")
         path = mesh_name(ctx, fmt)
-        data = encode(mesh, fmt)
+        if fmt == "glb":
+            data = glb_with_unlit(
+                bytes(trimesh.exchange.gltf.export_glb(tex.trimesh(), include_normals=False))
+            )
+        elif fmt == "obj":
+            # the image and the material first, so the OBJ never names a missing file
+            obj, mtl = encode_obj(tex, path.stem)
+            for companion, content in ((".jpg", tex.jpeg), (".mtl", mtl)):
+                publish_bytes(path.with_suffix(companion), content)
+                extra.append(path.with_suffix(companion))
+            data = obj
+        else:
+            data = encode(mesh, fmt)
         publish_bytes(path, data)
         exports.append(Export.of_bytes(path, fmt, data))
     ctx.check_cancelled()
     ctx.progress(len(formats) / steps, "rendering preview")
     preview = ctx.results_dir / f"{ctx.spec.job_id}_preview.png"
-    png = render_preview(ctx, mesh)
+    rendered = render_textured_preview(ctx, tex)
+    png = render_preview(ctx, mesh) if rendered is None else rendered[0]
     publish_bytes(preview, png)
+    if rendered is not None and rendered[1] is not None:
+        pair = ctx.results_dir / f"{ctx.spec.job_id}_preview_pair.jpg"
+        publish_bytes(pair, rendered[1])
+        extra.append(pair)
     exports.append(Export.of_bytes(preview, "png", png))
     report_path = ctx.results_dir / f"{ctx.spec.job_id}_report.json"
     report = build_report(ctx, mesh, exports)
+    report["texture"] = {
+        "size": list(tex.texture.shape[1::-1]),
+        "vertices": len(tex.vertices),
+        "faces": len(tex.faces),
+    }
+    report["companion_files"] = [p.name for p in extra]
     report["timings_s"][STAGE] = timer.seconds
     report_json = (json.dumps(report, indent=1) + "\n").encode()
     publish_bytes(report_path, report_json)
     exports.append(Export.of_bytes(report_path, "json", report_json))
     metrics: dict[str, Any] = {
         "formats": formats,
-        "files": [e.path.name for e in exports],
+        "files": [e.path.name for e in exports] + [p.name for p in extra],
         "vertices": len(mesh.vertices),
         "faces": len(mesh.faces),
+        "texture_size": list(tex.texture.shape[1::-1]),
         "seconds": timer.seconds,
     }
     device = str(report.get("device") or "cpu")

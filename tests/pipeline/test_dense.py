@@ -39,7 +39,7 @@ from pipeline.stages.stereo.views import View
 Sparse = tuple[Path, dict[str, StageResult]]
 MakeContext = Callable[..., StageContext]
 
-DENSE_STAGES = ("stereo", "fusion", "meshing", "color", "export")
+DENSE_STAGES = ("stereo", "fusion", "meshing", "color", "texture", "export")
 MIN_FSCORE = 0.8  # at 1% of the ground truth's bounding-box diagonal
 
 
@@ -315,7 +315,7 @@ def test_medium_quality_mesh_matches_ground_truth(
     assert results["meshing"].metrics["faces"] <= 200_000
 
 
-def test_glb_loads_back_with_vertex_colours(
+def test_glb_loads_back_with_its_texture(
     dense_low: tuple[Path, dict[str, StageResult]],
 ) -> None:
     workspace, results = dense_low
@@ -326,10 +326,10 @@ def test_glb_loads_back_with_vertex_colours(
     mesh = trimesh.load(glb, force="mesh")
     assert isinstance(mesh, trimesh.Trimesh)
     assert len(mesh.faces) == results["meshing"].metrics["faces"]
-    assert isinstance(mesh.visual, trimesh.visual.ColorVisuals)
-    colours = np.asarray(mesh.visual.vertex_colors)
-    assert colours.shape == (len(mesh.vertices), 4)
-    assert colours[:, :3].std() > 10  # real colours, not one flat default
+    assert isinstance(mesh.visual, trimesh.visual.TextureVisuals)
+    texture = np.asarray(mesh.visual.material.baseColorTexture.convert("RGB"))
+    assert mesh.visual.uv.shape == (len(mesh.vertices), 2)
+    assert texture.std() > 10  # real colours, not one flat default
     assert not list((workspace / "results").glob(".*"))  # no temporary files left
 
 
@@ -358,10 +358,10 @@ def test_export_again_with_other_formats_redoes_only_export(
     workspace, _ = dense_low
     before = {
         name: (workspace / name / "metrics.json").stat().st_mtime_ns
-        for name in ("stereo", "fusion", "meshing", "color")
+        for name in ("stereo", "fusion", "meshing", "color", "texture")
     }
     ctx = _context(workspace, demo_scene / "images", "low", formats=("ply", "obj"))
-    for name in ("stereo", "fusion", "meshing", "color", "export"):
+    for name in ("stereo", "fusion", "meshing", "color", "texture", "export"):
         result = run_stage(name, ctx)
     assert {e.format for e in result.exports} == {"ply", "obj", "png", "json"}
     after = {name: (workspace / name / "metrics.json").stat().st_mtime_ns for name in before}

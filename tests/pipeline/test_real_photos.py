@@ -162,13 +162,14 @@ def test_mesh_agrees_with_the_depth_sensor(
     assert np.median(error) < MAX_MESH_ERROR, np.median(error)
 
 
-def test_glb_from_real_photos_loads_with_colours(
+def test_glb_from_real_photos_loads_with_its_texture(
     castel: tuple[Path, dict[str, StageResult]],
 ) -> None:
     _, results = castel
     glb = next(e.path for e in results["export"].exports if e.format == "glb")
     mesh: Any = trimesh.load(glb, force="mesh")
     assert len(mesh.faces) > 10_000
-    colours = np.asarray(mesh.visual.vertex_colors)
-    assert colours.shape == (len(mesh.vertices), 4)
-    assert colours[:, :3].std() > 10  # the photos' shading, not one flat colour
+    assert isinstance(mesh.visual, trimesh.visual.TextureVisuals)
+    assert mesh.visual.uv.shape == (len(mesh.vertices), 2)
+    texture = np.asarray(mesh.visual.material.baseColorTexture.convert("RGB"))
+    assert texture.std() > 10  # the photos' colours, not one flat colour

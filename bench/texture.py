@@ -1,0 +1,121 @@
+"""Texture: the texture stage's share of a job's time and how much better the textured
+export explains photos the job never saw than the vertex-coloured mesh and a flat mean
+colour (PSNR after one gain per channel, SSIM, coverage).
+
+The demo scene is rendered with every camera; HELD_OUT of them are left out of the job.
+Each stage runs in its own child process, as in the daemon (wall time and peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import write_results
+from bench.workload import load, run_pipeline_children, scene, spec_json
+
+SIZE = (1024, 768)
+HELD_OUT = 3  # every n_images // HELD_OUT-th photo, starting at 1
+
+
+def held_out_figures(workspace: Path, scene_dir: Path, names: list[str]) -> dict[str, Any]:
+    from PIL import Image
+
+    from pipeline.evaluate import align_to_truth
+    from pipeline.stages.texture import held_out_scores
+
+    truth_json = scene_dir / "ground_truth" / "cameras.json"
+    truth = json.loads(truth_json.read_text())
+    alignment = align_to_truth(workspace / "undistort" / "sparse", truth_json)
+    per_view = {}
+    strip: list[np.ndarray] = []
+    for name in names:
+        cam = truth["images"][name]
+        with Image.open(scene_dir / "images" / name) as im:
+            photo = np.asarray(im.convert("RGB"), np.float64) / 255.0
+        renders: dict[str, np.ndarray] = {}
+        per_view[name] = held_out_scores(
+            workspace,
+            photo,
+            np.asarray(truth["K"]),
+            np.asarray(cam["R"]),
+            np.asarray(cam["t"]),
+            alignment.apply,
+            renders,
+        )
+        if not strip:  # photo | vertex colours | texture, for BENCHMARKS.md
+            strip = [photo, renders["vertex_colour"], renders["textured"]]
+    if strip:
+        from bench.report import RESULTS
+
+        row = np.concatenate(strip, axis=1)
+        Image.fromarray((np.clip(row, 0, 1) * 255 + 0.5).astype(np.uint8)).save(
+            RESULTS / "texture.jpg", quality=88
+        )
+    mean = {
+        kind: {
+            key: round(float(np.mean([v[kind][key] for v in per_view.values()])), 4)
+            for key in ("psnr_db", "ssim", "coverage")
+        }
+        for kind in ("textured", "vertex_colour", "flat")
+    }
+    return {"views": per_view, "mean": mean}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quality", default=None, help="default: medium (low with --quick)")
+    args = ap.parse_args(argv)
+    quality = args.quality or ("low" if args.quick else "medium")
+    n_images = 12 if args.quick else 24
+    size = (640, 480) if args.quick else SIZE
+    scene_dir = scene(n_images, size)
+    photos = sorted((scene_dir / "images").glob("*.jpg"))
+    step = max(2, n_images // HELD_OUT)
+    held = [p.name for p in photos[1::step]][:HELD_OUT]
+    before = load()
+    with tempfile.TemporaryDirectory(prefix="dropmesh-bench-texture-") as tmp:
+        images = Path(tmp) / "images"
+        images.mkdir()
+        for p in photos:
+            if p.name not in held:
+                shutil.copy(p, images / p.name)
+        spec = spec_json(scene_dir, quality)
+        spec["images"] = str(images)
+        spec["formats"] = ["glb", "obj", "ply"]
+        ws = Path(tmp) / "ws"
+        stages = run_pipeline_children(spec, ws)
+        figures = held_out_figures(ws, scene_dir, held)
+        texture_metrics = json.loads((ws / "texture" / "metrics.json").read_text())["metrics"]
+    total = sum(s["wall_s"] for s in stages.values())
+    share = stages["texture"]["wall_s"] / total
+    results = {
+        "quick": args.quick,
+        "load_before": before,
+        "load_after": load(),
+        "quality": quality,
+        "images": n_images - len(held),
+        "held_out": held,
+        "size": list(size),
+        "job_wall_s": round(total, 2),
+        "texture_wall_s": stages["texture"]["wall_s"],
+        "texture_share": round(share, 4),
+        "stages": stages,
+        "texture": texture_metrics,
+        "held_out_scores": figures,
+    }
+    m = figures["mean"]
+    print(
+        f"texture {stages['texture']['wall_s']:.1f} s of {total:.1f} s ({100 * share:.0f} %); "
+        f"held-out PSNR textured {m['textured']['psnr_db']:.2f} dB, vertex colours "
+        f"{m['vertex_colour']['psnr_db']:.2f} dB, flat {m['flat']['psnr_db']:.2f} dB"
+    )
+    write_results("texture", results)
+    return results
