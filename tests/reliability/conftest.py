@@ -1,8 +1,9 @@
 """Fixtures for the reliability suites, and the recorder behind RELIABILITY.md.
 
 Every test here is one scenario: its docstring says what is done and what must hold.
-With DROPMESH_RELIABILITY_REPORT=<file> set (`make reliability`), the run writes that
-file: one row per scenario with its outcome and time, so the report is never typed by hand.
+With DROPMESH_RELIABILITY_REPORT=<file> set (only `make reliability` sets it; `make test`
+leaves tracked files alone), the run writes that file: one row per scenario with its
+outcome, time and what it measured, so the report is never typed by hand.
 """
 
 from __future__ import annotations
@@ -63,17 +64,26 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     Path(target).write_text(render_report(_RESULTS), encoding="utf-8")
 
 
-def _commit() -> str:
+def _git(*args: str) -> str | None:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return None
+
+
+def _commit() -> str:
+    """The commit the tests ran from, and whether the tree had changes beyond the report."""
+    head = _git("rev-parse", "--short", "HEAD")
+    if head is None:
+        return "commit unknown (not a git checkout)"
+    status = _git("status", "--porcelain", "--untracked-files=no") or ""
+    changed = [line[3:] for line in status.splitlines() if line[3:].strip() != "RELIABILITY.md"]
+    state = (
+        "clean tree" if not changed else f"tree with uncommitted changes to {len(changed)} file(s)"
+    )
+    return f"commit {head.strip()} ({state})"
 
 
 def render_report(results: list[dict[str, Any]]) -> str:
@@ -86,9 +96,8 @@ def render_report(results: list[dict[str, Any]]) -> str:
         "hand. Each row is one scenario: what the test does and what must hold (from its "
         "docstring), and how it ended on this run.",
         "",
-        f"- run: {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {_commit()} (tests as committed "
-        "with this file), "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+        f"- run: {time.strftime('%Y-%m-%d %H:%M %Z')}, {_commit()}, "
+        f"{platform.system()}, Python {platform.python_version()}, "
         f"{os.cpu_count()} CPU(s), {'root' if os.geteuid() == 0 else 'not root'}",
         f"- {passed} of {len(results)} scenarios passed, "
         f"{sum(r['outcome'] == 'skipped' for r in results)} skipped, "
