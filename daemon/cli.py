@@ -522,7 +522,7 @@ def doctor(home: HomeOpt = None) -> None:
     """
     from daemon.ledger import Ledger
     from daemon.notify import Notifier
-    from pipeline.devices import cuda_device_count
+    from pipeline.devices import cuda_device_count, pycolmap_build
 
     cfg = _cfg(home)
     ok_all = True
@@ -554,6 +554,7 @@ def doctor(home: HomeOpt = None) -> None:
         "GPU",
         f"{n} CUDA device(s) seen by pycolmap" if n else "none; dense stereo runs on the CPU",
     )
+    line(None if " and " in (b := pycolmap_build()) else True, "pycolmap", b)
     target = cfg.results if cfg.results.exists() else cfg.home
     free = shutil.disk_usage(target).free / 1e9
     line(free > 5 or None, "disk", f"{free:.1f} GB free at {target}")
