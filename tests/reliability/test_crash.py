@@ -26,6 +26,9 @@ from rel_helpers import (
 
 from pipeline import STAGES
 
+# which pipeline the scenarios run (RELIABILITY.md says so per row)
+PIPELINE = "fake (tests/fakepipeline.py)"
+
 
 def _no_orphans(home: Home) -> None:
     try:
@@ -175,7 +178,8 @@ def test_cancel_then_kill_before_daemon_acts(home: Home) -> None:
 def test_random_kill_soak(home: Home, record_property: Any) -> None:
     """20 jobs (some with transient failures) run two at a time while the daemon is
     killed with SIGKILL 30 times at random moments (seeded, so a failure can be replayed)
-    and restarted; each restart waits for that start's own "watching" line. Every job
+    and restarted; each restart waits for that start's own "watching" line, each kill
+    comes 0.3-1.5 s after that start's stage processes are ready. Every job
     succeeds exactly once with every stage recorded done once, every export loads, one
     notification per job, and no process is left over. What each kill interrupted is
     recorded; at least 2 of 3 kills must land while a stage runs."""
@@ -191,10 +195,13 @@ def test_random_kill_soak(home: Home, record_property: Any) -> None:
     home.start(**env)
     for name in names:
         home.drop(name)
-    deadline = time.monotonic() + 420
+    deadline = time.monotonic() + 600
     kills: list[str] = []
     t_prev = time.time()
     for _ in range(30):
+        # a random moment once this start's stage processes are ready (before that, a
+        # kill would only ever interrupt the daemon's own start-up)
+        wait_for(lambda: "stage processes ready" in home.log_since(), 30)
         time.sleep(rng.uniform(0.3, 1.5))
         t_kill = time.time()
         home.kill9()
@@ -204,6 +211,7 @@ def test_random_kill_soak(home: Home, record_property: Any) -> None:
         assert time.monotonic() < deadline, f"soak took too long (seed {seed})"
     counts = Counter(kills)
     in_stage = sum(n for k, n in counts.items() if k.startswith("stage "))
+    print(f"\nkills: {counts}")
     record_property(
         "kills",
         f"{in_stage} of {len(kills)} in a running stage; "

@@ -19,6 +19,10 @@ from rel_helpers import check_exports, orphans
 
 FAULT_ENV = {"DROPMESH_MAX_JOBS": "2"}
 
+# which pipeline the scenarios run (RELIABILITY.md says so per row)
+PIPELINE = "fake (tests/fakepipeline.py)"
+PIPELINE_OF = {"test_images_deleted_or_unreadable": "fake, with the real ingest stage"}
+
 
 @contextlib.contextmanager
 def tmpfs(target: Path, options: str) -> Iterator[Path]:

@@ -12,6 +12,9 @@ import pytest
 from daemon_harness import Home, wait_for
 from rel_helpers import open_ledger
 
+# which pipeline the scenarios run (RELIABILITY.md says so per row)
+PIPELINE = "fake (tests/fakepipeline.py)"
+
 
 def _jobs(home: Home) -> list[str]:
     ledger = open_ledger(home)

@@ -17,6 +17,9 @@ from daemon.requests import RequestError
 
 KEYS = ["project", "images", "quality", "method", "formats", "priority", "force", "options"]
 
+# which pipeline the scenarios run (RELIABILITY.md says so per row)
+PIPELINE = "none (request parsing, file modes, notification text)"
+
 
 def _setup(tmp: Path) -> tuple[Path, Path]:
     root = tmp / "allowed"

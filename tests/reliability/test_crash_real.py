@@ -1,0 +1,64 @@
+"""Crash rows on the real pipeline: the same kill -9 as the crash matrix, but landing
+inside the real stages (pipeline/stages, on a small rendered demo scene) rather than in
+the fast fake pipeline the other crash tests use."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import trimesh
+from daemon_harness import Home, wait_for
+from rel_helpers import orphans, stage_done_counts
+
+from pipeline import STAGES
+from pipeline.demo import render_scene
+
+# every stage that publishes files (texture too, once the pipeline has it)
+KILLED = [
+    s
+    for s in ("features", "matching", "mapping", "stereo", "fusion", "meshing", "texture", "export")
+    if s in STAGES
+]
+
+# which pipeline the scenarios run (RELIABILITY.md says so per row)
+PIPELINE = "real (pipeline/stages, rendered demo scene)"
+
+
+def _building(workspace: Path, stage: str) -> bool:
+    """The stage is running and has not published: its temporary folder exists."""
+    return workspace.is_dir() and any(workspace.glob(f".{stage}.tmp-*"))
+
+
+def test_kill_inside_each_real_stage(home: Home, record_property: Any) -> None:
+    """One job of 10 rendered photos (480x360, quality low) on the real pipeline. For each
+    stage that publishes files (features, matching, mapping, stereo, fusion, meshing,
+    export), the daemon is killed with SIGKILL while that stage is building its output
+    (its temporary folder exists), then restarted. The job succeeds; the ledger records
+    every stage done exactly once; the killed stages left no temporary folder behind;
+    the GLB loads with its faces; no process of a killed daemon is left."""
+    scene = home.root / "photos" / "real"
+    render_scene(scene, n_images=10, size=(480, 360), seed=0)
+    home.start(DROPMESH_PIPELINE="pipeline.stages:run_stage")
+    home.drop("real", images="../photos/real/images", quality="low", formats=["glb"])
+    job_id = wait_for(lambda: (home.job("real") or {}).get("id"), 30)
+    workspace = home.workspaces / job_id
+    rows = []
+    for stage in KILLED:
+        t0 = time.monotonic()
+        wait_for(lambda stage=stage: _building(workspace, stage), 300, 0.002)
+        home.kill9()
+        rows.append(f"{stage} after {time.monotonic() - t0:.1f} s")
+        wait_for(lambda: not orphans(home), 15)
+        assert not (workspace / stage / "metrics.json").exists(), stage  # not published
+        home.start(DROPMESH_PIPELINE="pipeline.stages:run_stage")
+    record_property("killed inside", ", ".join(rows))
+    job = home.wait_state("real", "succeeded", "failed", timeout=600)
+    assert job["state"] == "succeeded", job["error"]
+    assert stage_done_counts(home, job_id) == dict.fromkeys(STAGES, 1)
+    assert not list(workspace.glob(".*.tmp-*"))
+    glb = Path(next(p for p in job["exports"] if p.endswith(".glb")))
+    mesh = trimesh.load(glb, force="mesh")
+    assert len(mesh.faces) > 1000
+    assert not orphans(home)
