@@ -303,17 +303,37 @@ def _named_variant(name: str) -> Variant:
 # textures by the photo variants. They are read at render time and never copied into the
 # repository.
 IMAGE_SET = Path("/usr/share/visp-images-data/ViSP-images")
-# (file, pixels per world unit) for the ground, the blob, the torus and the box
-_PHOTOS = (
-    ("Solvay/Solvay_conference_1927_Version2_2126x1463.png", 620.0),
-    ("Klimt/Klimt.ppm", 900.0),
-    ("Klimt/Klimt.ppm", 1200.0),
-    ("mbt-depth/castel/chateau.ppm", 1000.0),
+# Every surface shows its own photograph, stretched once over it and never tiled: a tiled
+# or mirrored photo repeats its features, and a photo mirrored on both axes is its own
+# 180-degree rotation, which folds a ring of cameras onto itself. The ground gets the
+# Solvay group photograph above a strip of frames of the "castel" sequence; each object
+# part gets one photo per projection axis (grey frames tinted, so parts differ in colour).
+_GROUND_PHOTO = "Solvay/Solvay_conference_1927_Version2_2126x1463.png"
+_GROUND_SIZE = 2800  # px of the ground's collage (about 580 px per unit of the plate)
+_GROUND_FRAMES = tuple(f"mbt-depth/castel/castel/image_{i:04d}.pgm" for i in range(0, 30, 3)) + (
+    "mbt-depth/castel/chateau.ppm",
+)
+# per object part (blob, torus, box): (photo, tint) for the x, y and z projections
+_PART_PHOTOS = (
+    (
+        ("mbt/cube/image0001.pgm", (1.0, 0.8, 0.55)),
+        ("Klimt/Klimt.ppm", (1.0, 1.0, 1.0)),
+        ("mbt/cube/image0060.pgm", (0.9, 0.75, 1.0)),
+    ),
+    (
+        ("mbt/cube/image0120.pgm", (0.6, 0.8, 1.0)),
+        ("cube/image.0020.pgm", (0.7, 1.0, 0.7)),
+        ("mbt/cube/image0180.pgm", (1.0, 0.7, 0.8)),
+    ),
+    (
+        ("cube/image.0000.pgm", (1.0, 0.9, 0.6)),
+        ("mbt/cube/image0210.pgm", (0.8, 0.8, 1.0)),
+        ("cube/image.0060.pgm", (0.7, 1.0, 0.9)),
+    ),
 )
 
 
-@lru_cache(maxsize=8)
-def _photo(rel: str) -> np.ndarray:
+def _read_photo(rel: str) -> Image.Image:
     path = IMAGE_SET / rel
     if not path.is_file():
         raise FileNotFoundError(
@@ -321,38 +341,91 @@ def _photo(rel: str) -> np.ndarray:
             "visp-images-data (apt-get install visp-images-data; make test installs it)"
         )
     with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+        return im.convert("RGB")
 
 
-def _sample_photo(photo: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
-    """Bilinear colour of a photo tiled (mirrored) over a plane, at plane coordinates a, b."""
-    q = np.stack([b * scale, a * scale]).astype(np.float32)
+@lru_cache(maxsize=16)
+def _photo(rel: str, tint: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """A photo as (3, h, w) floats in [0, 1], tinted; rel "ground" is the ground's collage."""
+    if rel == "ground":
+        # the group photograph in one corner; frames of the castel sequence fill the
+        # right-hand column and two rows below it, each frame used once
+        size = _GROUND_SIZE
+        top = _read_photo(_GROUND_PHOTO)
+        canvas = Image.new("RGB", (size, size))
+        canvas.paste(top, (0, 0))
+        frames = iter(_read_photo(f) for f in _GROUND_FRAMES)
+        col_w = size - top.width
+        y = 0
+        while y < top.height:
+            im = next(frames)
+            im = im.resize((col_w, round(im.height * col_w / im.width)), Image.BICUBIC)
+            canvas.paste(im, (top.width, y))
+            y += im.height
+        row_h = (size - top.height + 1) // 2
+        for row in range(2):
+            x = 0
+            while x < size:
+                im = next(frames)
+                im = im.resize((round(im.width * row_h / im.height), row_h), Image.BICUBIC)
+                canvas.paste(im, (x, top.height + row * row_h))
+                x += im.width
+        img = canvas
+    else:
+        img = _read_photo(rel)
+    rgb = np.asarray(img, dtype=np.float32) / 255.0 * np.asarray(tint, np.float32)
+    return np.ascontiguousarray(np.clip(rgb, 0, 1).transpose(2, 0, 1))
+
+
+def _sample_photo(
+    photo: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    lo: tuple[float, float],
+    hi: tuple[float, float],
+) -> np.ndarray:
+    """Bilinear colour of a photo stretched once over the rectangle lo..hi of a plane
+    (a along the photo's width, b along its height), at plane coordinates a, b."""
+    h, w = photo.shape[1:]
+    col = (a - lo[0]) / max(hi[0] - lo[0], 1e-9) * (w - 1)
+    row = (hi[1] - b) / max(hi[1] - lo[1], 1e-9) * (h - 1)
+    q = np.stack([row, col]).astype(np.float32)
     return np.stack(
-        [map_coordinates(photo[c], q, order=1, mode="mirror") for c in range(3)], axis=1
+        [map_coordinates(photo[c], q, order=1, mode="nearest") for c in range(3)], axis=1
     )
 
 
-def _photo_albedo(p: np.ndarray, n: np.ndarray, part: np.ndarray) -> np.ndarray:
+def _photo_albedo(
+    p: np.ndarray, n: np.ndarray, part: np.ndarray, boxes: list[tuple[np.ndarray, np.ndarray]]
+) -> np.ndarray:
     """Photographs projected onto each part: planar from above for the ground, triplanar
-    (blended by the normal) for the objects, each part with its own photo."""
+    (blended by the normal) for the objects, one photo per part and axis. `boxes` holds
+    each part's bounding box (lo, hi)."""
     colour = np.zeros((len(p), 3), dtype=np.float64)
-    for k, (rel, scale) in enumerate(_PHOTOS):
+    ground = part == 0
+    if ground.any():
+        lo, hi = boxes[0]
+        colour[ground] = _sample_photo(
+            _photo("ground"), p[ground, 0], p[ground, 1], (lo[0], lo[1]), (hi[0], hi[1])
+        )
+    for k, photos in enumerate(_PART_PHOTOS, start=1):
         sel = part == k
         if not sel.any():
             continue
-        photo = _photo(rel)
-        q = p[sel] + 7.3 * k  # each part starts in a different place of its photo
-        if k == 0:
-            colour[sel] = _sample_photo(photo, q[:, 0], q[:, 1], scale)
-            continue
+        lo, hi = boxes[k]
+        q = p[sel]
         w = np.abs(n[sel]) ** 4
         w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
-        colour[sel] = (
-            w[:, :1] * _sample_photo(photo, q[:, 1], q[:, 2], scale)
-            + w[:, 1:2] * _sample_photo(photo, q[:, 0] + 3.1, q[:, 2], scale)
-            + w[:, 2:] * _sample_photo(photo, q[:, 0] + 5.7, q[:, 1], scale)
-        )
+        acc = np.zeros((len(q), 3))
+        for axis, (rel, tint) in enumerate(photos):
+            u, v = [i for i in range(3) if i != axis]
+            # the vertical axis runs up the photo; otherwise the first remaining axis
+            a, b = (u, v) if v == 2 or axis == 2 else (v, u)
+            sample = _sample_photo(
+                _photo(rel, tint), q[:, a], q[:, b], (lo[a], lo[b]), (hi[a], hi[b])
+            )
+            acc += w[:, axis : axis + 1] * sample
+        colour[sel] = acc
     return np.clip(colour, 0.0, 1.0)
 
 
@@ -505,6 +578,7 @@ def render_scene(
     )
     verts, faces = _merge(parts)
     obj_verts, obj_faces = _merge(parts[1:])
+    boxes = [(v.min(axis=0), v.max(axis=0)) for v, _ in parts]
     normals = _vertex_normals(verts, faces)
     # flat shading for the ground and the box (their vertices are shared by sharp edges)
     face_normals = np.cross(
@@ -576,7 +650,7 @@ def render_scene(
         facing = np.einsum("ij,ij->i", n, dirs[ok]) > 0
         n[facing] *= -1.0
         if var.photo_texture:
-            albedo = _photo_albedo(p, n, part_of_face[prim[ok]])
+            albedo = _photo_albedo(p, n, part_of_face[prim[ok]], boxes)
         else:
             albedo = _albedo(p, material[prim[ok]], seed)
         lambert = np.clip(n @ light, 0.0, 1.0)
@@ -618,7 +692,7 @@ def render_scene(
     vert_material[:n_ground] = 0
     if var.photo_texture:
         vert_part = np.concatenate([np.full(len(v), k, np.int8) for k, (v, _) in enumerate(parts)])
-        all_colours = _photo_albedo(verts, normals, vert_part)
+        all_colours = _photo_albedo(verts, normals, vert_part, boxes)
         obj_colours = all_colours[n_ground:]
     else:
         obj_colours = _albedo(obj_verts, np.ones(len(obj_verts), dtype=np.int8), seed)
