@@ -62,6 +62,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         )
 
 
+_TREE: list[str] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # the commit and tree state the tests start from (edits made during the run must not
+    # change what the report says it ran)
+    if os.environ.get("DROPMESH_RELIABILITY_REPORT"):
+        _TREE.append(_commit())
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     target = os.environ.get("DROPMESH_RELIABILITY_REPORT")
     if not target or not _RESULTS:
@@ -104,7 +114,7 @@ def render_report(results: list[dict[str, Any]]) -> str:
         "timing and failures a test controls, around the real daemon, ledger and stage "
         "processes. The real rows run pipeline/stages on a small rendered scene.",
         "",
-        f"- run: {time.strftime('%Y-%m-%d %H:%M %Z')}, {_commit()}, "
+        f"- run: {time.strftime('%Y-%m-%d %H:%M %Z')}, {_TREE[0] if _TREE else _commit()}, "
         f"{platform.system()}, Python {platform.python_version()}, "
         f"{os.cpu_count()} CPU(s), {'root' if os.geteuid() == 0 else 'not root'}",
         f"- {passed} of {len(results)} scenarios passed, "
