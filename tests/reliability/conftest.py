@@ -62,16 +62,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         )
 
 
-_TREE: list[str] = []
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    # the commit and tree state the tests start from (edits made during the run must not
-    # change what the report says it ran)
-    if os.environ.get("DROPMESH_RELIABILITY_REPORT"):
-        _TREE.append(_commit())
-
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     target = os.environ.get("DROPMESH_RELIABILITY_REPORT")
     if not target or not _RESULTS:
@@ -99,6 +89,11 @@ def _commit() -> str:
         "clean tree" if not changed else f"tree with uncommitted changes to {len(changed)} file(s)"
     )
     return f"commit {head.strip()} ({state})"
+
+
+# the commit and tree state the run starts from (this file is loaded before any test runs;
+# edits made during the run must not change what the report says it ran)
+_TREE = [_commit()] if os.environ.get("DROPMESH_RELIABILITY_REPORT") else []
 
 
 def render_report(results: list[dict[str, Any]]) -> str:
