@@ -18,7 +18,8 @@ from pipeline.demo import IMAGE_SET
 # F-score). Measured (centre error max, object F, scene F) on 2 cores:
 #   distortion 0.00052 0.974 0.991; no-exif 0.00032 0.973 0.992; exposure 0.00030 0.970
 #   0.992; specular 0.00045 0.972 0.992; blur 0.00039 0.971 0.990; handheld 0.00047 0.967
-#   0.988; photo PHOTO; hard HARD
+#   0.988; photo (resized to 800 px by "low") 0.00075 0.943 0.981; hard (also 800 px)
+#   0.00022 0.896 0.980
 BARS: dict[str, tuple[float, float, float]] = {
     "distortion": (0.0012, 0.95, 0.97),
     "no-exif": (0.0012, 0.95, 0.97),
@@ -26,11 +27,11 @@ BARS: dict[str, tuple[float, float, float]] = {
     "specular": (0.0012, 0.95, 0.97),
     "blur": (0.0012, 0.95, 0.97),
     "handheld": (0.0012, 0.945, 0.965),
-    "photo": (0.002, 0.9, 0.9),
-    "hard": (0.002, 0.9, 0.9),
+    "photo": (0.0015, 0.92, 0.96),
+    "hard": (0.0006, 0.87, 0.96),
 }
-MAX_FOCAL_ERROR = 0.005  # relative; measured at most 0.0011 (no EXIF: 0.0010)
-MAX_K1_ERROR = 0.005  # measured |k1 - truth| at most 0.0033
+MAX_FOCAL_ERROR = 0.005  # relative; measured at most 0.0011 (no EXIF: 0.0010, hard 0.0002)
+MAX_K1_ERROR = 0.008  # measured |k1 - truth| at most 0.0039 (photo)
 
 
 @pytest.mark.slow
@@ -81,3 +82,36 @@ def test_variants_change_what_they_say(tmp_path: Path) -> None:
     assert render("distortion")[0]["params"][3] < 0
     with pytest.raises(ValueError, match="unknown demo variant 'fisheye'"):
         render_scene(tmp_path / "x", n_images=1, variant="fisheye")
+
+
+# Measured SIFT keypoints per 1600x1200 view (pycolmap, up to 30,000 features, views 0-3):
+# photo 10,970 / 9,222 / 9,330; hard 8,453 / 13,949 / 7,895 / 9,075 (median 8,764).
+MIN_MEDIAN_KEYPOINTS = 8000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["photo", "hard"])
+def test_photo_textures_give_real_photo_keypoint_counts(name: str, tmp_path: Path) -> None:
+    """At 1600 px a view of the photo-textured variants gives as many SIFT keypoints as a
+    real photo does (8,000+), so speed measured on them is measured on real work."""
+    import numpy as np
+    import pycolmap
+
+    from pipeline.demo import render_scene
+
+    if not IMAGE_SET.is_dir():
+        pytest.skip(f"{IMAGE_SET} is missing: install Debian's visp-images-data")
+    render_scene(tmp_path / "scene", n_images=4, variant=name)
+    options = pycolmap.FeatureExtractionOptions()
+    options.max_image_size = 1600
+    options.sift.max_num_features = 30000
+    db = tmp_path / "db.db"
+    pycolmap.extract_features(
+        db, tmp_path / "scene" / "images", extraction_options=options, device=pycolmap.Device.cpu
+    )
+    with pycolmap.Database.open(str(db)) as database:
+        counts = [
+            database.read_keypoints(im.image_id).shape[0] for im in database.read_all_images()
+        ]
+    print(f"\n{name}: keypoints per view {counts}")
+    assert np.median(counts) >= MIN_MEDIAN_KEYPOINTS, counts
