@@ -359,7 +359,7 @@ def _photo(rel: str, tint: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.n
         y = 0
         while y < top.height:
             im = next(frames)
-            im = im.resize((col_w, round(im.height * col_w / im.width)), Image.BICUBIC)
+            im = im.resize((col_w, round(im.height * col_w / im.width)), Image.Resampling.BICUBIC)
             canvas.paste(im, (top.width, y))
             y += im.height
         row_h = (size - top.height + 1) // 2
@@ -367,7 +367,9 @@ def _photo(rel: str, tint: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.n
             x = 0
             while x < size:
                 im = next(frames)
-                im = im.resize((round(im.width * row_h / im.height), row_h), Image.BICUBIC)
+                im = im.resize(
+                    (round(im.width * row_h / im.height), row_h), Image.Resampling.BICUBIC
+                )
                 canvas.paste(im, (x, top.height + row * row_h))
                 x += im.width
         img = canvas
