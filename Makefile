@@ -18,16 +18,16 @@ BENCH_APT_PACKAGES := colmap
 # `make bench BENCH_ARGS="sparse --quick"`: some suites, smaller runs (see README).
 BENCH_ARGS ?=
 
-.PHONY: run test lint bench demo sysdeps venv clean reliability
+.PHONY: run test lint bench demo sysdeps venv clean reliability pycolmap-build
 
-run: sysdeps venv
+run: sysdeps venv pycolmap-build
 	mkdir -p inbox results
 	$(BIN)/dropmesh run
 
 test: sysdeps venv lint
 	@$(MAKE) --no-print-directory sysdeps APT_PACKAGES="$(TEST_APT_PACKAGES)"
 	@$(MAKE) --no-print-directory $(GLTF_VALIDATOR)
-	DROPMESH_RELIABILITY_REPORT=$(CURDIR)/RELIABILITY.md $(BIN)/pytest -q --durations=15; rc=$$?; \
+	$(BIN)/pytest -q --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; \
 	exit $$rc
 
@@ -36,8 +36,10 @@ lint: venv
 	$(BIN)/ruff check daemon pipeline tests bench
 	$(BIN)/mypy
 
-# Runs tests/reliability and regenerates RELIABILITY.md from that run.
+# Runs tests/reliability and regenerates RELIABILITY.md from that run (the only target that
+# writes it: `make test` leaves every tracked file as it was).
 reliability: sysdeps venv
+	@$(MAKE) --no-print-directory sysdeps APT_PACKAGES="$(TEST_APT_PACKAGES)"
 	DROPMESH_RELIABILITY_REPORT=$(CURDIR)/RELIABILITY.md $(BIN)/pytest -q tests/reliability
 
 bench: sysdeps venv
@@ -67,7 +69,23 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	@$(MAKE) --no-print-directory pycolmap-build
 	touch $@
+
+# With an NVIDIA GPU (nvidia-smi works), the CUDA build of pycolmap replaces the CPU one
+# (both provide the module `pycolmap`, so exactly one may be installed); `dropmesh doctor`
+# says which build is installed. Without a GPU nothing changes.
+PYCOLMAP_CUDA := pycolmap-cuda12>=4.2.1,<4.3
+pycolmap-build:
+	@if nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -m pip show -q pycolmap-cuda12 >/dev/null 2>&1; then \
+	  echo "NVIDIA GPU found: installing the CUDA build of pycolmap in place of the CPU one"; \
+	  $(BIN)/python -m pip uninstall -q -y pycolmap pycolmap-cuda12 && \
+	  $(BIN)/python -m pip install -q '$(PYCOLMAP_CUDA)'; \
+	elif nvidia-smi >/dev/null 2>&1 && $(BIN)/python -m pip show -q pycolmap >/dev/null 2>&1; then \
+	  echo "both pycolmap builds are installed: keeping only the CUDA one"; \
+	  $(BIN)/python -m pip uninstall -q -y pycolmap pycolmap-cuda12 && \
+	  $(BIN)/python -m pip install -q '$(PYCOLMAP_CUDA)'; \
+	fi
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -55,3 +55,28 @@ def cuda_support() -> CudaSupport:
 def cuda_device_count() -> int:
     """CUDA devices pycolmap can use (0 with the CPU build or without a GPU)."""
     return cuda_support().devices
+
+
+_BUILDS = {"pycolmap": "CPU", "pycolmap-cuda12": "CUDA 12", "pycolmap-cuda": "CUDA"}
+
+
+def pycolmap_build() -> str:
+    """Which pycolmap distribution is installed, e.g. "pycolmap-cuda12 4.2.1 (CUDA 12
+    build)". Several at once is named as the problem it is: they all provide the module
+    `pycolmap` and the last one installed has overwritten the others' files."""
+    from importlib import metadata
+
+    found = []
+    for dist, kind in _BUILDS.items():
+        try:
+            found.append(f"{dist} {metadata.version(dist)} ({kind} build)")
+        except metadata.PackageNotFoundError:
+            continue
+    if not found:
+        return "pycolmap is not installed"
+    if len(found) > 1:
+        return (
+            f"{' and '.join(found)} are both installed and overwrite each other's files: "
+            "pip uninstall -y " + " ".join(d.split()[0] for d in found) + ", then install one"
+        )
+    return found[0]

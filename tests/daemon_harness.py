@@ -52,6 +52,7 @@ class Home:
         self.env.pop("DBUS_SESSION_BUS_ADDRESS", None) if env is None else None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = root / "daemon.log"
+        self.log_offset = 0
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.toml").write_text((REPO / "config.toml").read_text())
 
@@ -59,6 +60,9 @@ class Home:
 
     def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
         full_env = {**self.env, **env}
+        # this start's part of the log begins here: an earlier start's "watching" line
+        # must not satisfy the wait below
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "run", *args],
@@ -68,11 +72,26 @@ class Home:
             cwd=self.root,
         )
         log.close()
-        wait_for(lambda: (self.root / "jobs.db").exists() and "watching" in self.log(), 30)
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {proc.returncode}:\n{self.log_since()}")
+            return (self.root / "jobs.db").exists() and "watching" in self.log_since()
+
+        wait_for(ready, 30)
         return self.proc
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_since(self, offset: int | None = None) -> str:
+        """The log written since `offset` (default: since the latest start)."""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as fh:
+            fh.seek(self.log_offset if offset is None else offset)
+            return fh.read().decode(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
         if self.proc is None:

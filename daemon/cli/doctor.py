@@ -65,7 +65,7 @@ def doctor(ctx: typer.Context, home: HomeOpt = None) -> None:
     """
     from daemon.ledger import Ledger
     from daemon.notify import Notifier
-    from pipeline.devices import cuda_device_count
+    from pipeline.devices import cuda_device_count, pycolmap_build
 
     cfg = load_config(ctx, home)
     ok_all = True
@@ -103,6 +103,8 @@ def doctor(ctx: typer.Context, home: HomeOpt = None) -> None:
         "GPU",
         f"{n} CUDA device(s) seen by pycolmap" if n else "none; dense stereo runs on the CPU",
     )
+    build = pycolmap_build()
+    line(None if " and " in build else True, "pycolmap", build)
     from daemon.web.unit import check as unit_check
 
     unit_ok, unit_detail = unit_check(cfg)

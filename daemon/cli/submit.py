@@ -83,20 +83,25 @@ def demo(
     images: Annotated[int, typer.Option("--images", "-n", help="Number of photos.")] = 24,
     quality: Annotated[str, typer.Option(help="low, medium or high.")] = "low",
     project: Annotated[str, typer.Option(help="Project name.")] = "demo",
+    variant: Annotated[
+        str, typer.Option(help="Scene variant: easy, ..., hard (python -m pipeline.demo -h).")
+    ] = "easy",
 ) -> None:
     """Render a synthetic demo scene and drop a request for it into the inbox.
 
-    Example: dropmesh demo --images 24 --quality low
+    Example: dropmesh demo --images 24 --quality low --variant hard
     """
     from daemon.requests import render_toml
-    from pipeline.demo import render_scene
+    from pipeline.demo import VARIANTS, render_scene
 
     cfg = load_config(ctx, home)
     if quality not in QUALITIES:
         raise fail(f"--quality must be one of {', '.join(QUALITIES)}", 2)
+    if variant not in VARIANTS:
+        raise fail(f"--variant must be one of {', '.join(VARIANTS)}", 2)
     out = cfg.home / "demo" / project
-    console.print(f"rendering {images} photos of the demo scene into {out} ...")
-    render_scene(out, n_images=images)
+    console.print(f"rendering {images} {variant} photos of the demo scene into {out} ...")
+    render_scene(out, n_images=images, variant=variant)
     body = {
         "project": project,
         "images": str(out / "images"),

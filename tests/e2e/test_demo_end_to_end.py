@@ -12,6 +12,7 @@ from daemon_harness import Home
 from dbus_notifications import NotificationBus
 
 from pipeline import STAGES
+from pipeline.devices import cuda_device_count
 
 
 def test_demo_request_gives_glb_and_notification(
@@ -19,14 +20,17 @@ def test_demo_request_gives_glb_and_notification(
 ) -> None:
     home = Home(tmp_path / "home", env=notification_bus.env)
     try:
-        home.start(DROPMESH_PIPELINE="pipeline.stages:run_stage")
+        # the product's own device choice, not the harness's "cpu": the GPU where pycolmap
+        # sees one, else the CPU
+        home.start(DROPMESH_PIPELINE="pipeline.stages:run_stage", DROPMESH_DEVICE="auto")
+        expected_device = "gpu" if cuda_device_count() > 0 else "cpu"
         home.cli("demo", "--images", "16", "--quality", "low")
         job = home.wait_state("demo", "succeeded", "failed", timeout=600)
         assert job["state"] == "succeeded", job["error"]
         assert [s["state"] for s in job["stages"]] == ["done"] * len(STAGES)
         stages = {s["name"]: s for s in job["stages"]}
         assert stages["mapping"]["metrics"]["registered"] == 16
-        assert stages["stereo"]["device"] == "cpu"
+        assert stages["stereo"]["device"] == expected_device
 
         glb = Path(next(p for p in job["exports"] if p.endswith(".glb")))
         assert glb.name == f"{job['id']}_textured_mesh_poisson.glb"
@@ -37,7 +41,7 @@ def test_demo_request_gives_glb_and_notification(
         assert colours.std() > 10  # real colours, not one flat fill
 
         report = json.loads(next(glb.parent.glob("*_report.json")).read_text())
-        assert report["device"] == "cpu"
+        assert report["device"] == expected_device
 
         got = notification_bus.wait_for(1, timeout=20)
         assert len(got) == 1

@@ -42,7 +42,16 @@ DEPTH_UNIT_M = 0.000124986647  # the sensor's raw depth unit
 MAX_FOCAL_ERROR = 0.10
 MAX_REPROJECTION_PX = 1.5
 MAX_DEPTH_MAP_ERROR = 0.07
-MAX_MESH_ERROR = 0.10
+MAX_MESH_ERROR = 0.075
+# The same error as a share of a constant depth's on the same pixels (about 6 % here).
+MAX_DEPTH_MAP_RATIO = 0.8
+MAX_MESH_RATIO = 0.9
+# Per view, Pearson correlation of the reconstructed depth with the sensor's.
+MIN_DEPTH_CORRELATION = 0.5
+# Share of the sensor's valid pixels that get a fused depth, in the worst view.
+# Measured: at least 0.40 (depth maps) and 0.73 (mesh) of the sensor's pixels in every view.
+MIN_DEPTH_COVERAGE = 0.35
+MIN_MESH_COVERAGE = 0.65
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +122,22 @@ def test_every_photo_is_placed_with_the_calibrated_focal_length(
     assert abs(focal / COLOUR_K[0, 0] - 1.0) < MAX_FOCAL_ERROR, focal
 
 
+DEPTH_FINDING = (
+    "the reconstructed depth runs the wrong way: against the sensor it correlates at about "
+    "-0.45 per view (sparse points already: depth grows down the image, +0.70 with the row, "
+    "while the sensor's falls, -0.44), and a constant depth scores as well as the depth maps "
+    "(5.8 % against 5.7 %) and better than the mesh (6.8 % against 6.9 %)"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=DEPTH_FINDING)
 def test_depth_maps_agree_with_the_depth_sensor(
     castel: tuple[Path, dict[str, StageResult]],
 ) -> None:
     workspace, _ = castel
     maps = sorted((workspace / "stereo" / "stereo" / "depth_maps").glob("*.geometric.bin"))
     assert len(maps) == 15
-    ratios = []
+    ratios, constant, coverage, correlation = [], [], [], []
     for path in maps:
         depth = read_colmap_array(path)
         truth = sensor_depth(frame_of(path.name))
@@ -127,12 +145,28 @@ def test_depth_maps_agree_with_the_depth_sensor(
             Image.fromarray(truth.astype(np.float32)).resize(depth.shape[::-1], Image.NEAREST)
         )
         ok = (depth > 0) & (truth > 0)
-        assert ok.mean() > 0.1, path.name  # a depth for a good part of every view
+        # a depth for most of what the sensor sees in every view
+        coverage.append(ok.sum() / max(1, (truth > 0).sum()))
         ratios.append(truth[ok] / depth[ok])
-    error = relative_errors(ratios)
-    assert np.median(error) < MAX_DEPTH_MAP_ERROR, np.median(error)
+        constant.append(truth[ok])  # the trivial answer: one depth everywhere
+        correlation.append(float(np.corrcoef(depth[ok], truth[ok])[0, 1]))
+    print(f"\ncoverage of the sensor's depth per view: {np.round(coverage, 3).tolist()}")
+    assert min(coverage) > MIN_DEPTH_COVERAGE, coverage
+    error = np.median(relative_errors(ratios))
+    # the trivial answer, a constant depth at its best scale, on the same pixels: the scene
+    # lies at nearly one depth, so it scores about 6 %, below the absolute bar; only the
+    # ratio and the correlation tell a real reconstruction from it
+    baseline = np.median(relative_errors(constant))
+    print(
+        f"depth maps: error {error:.4f}, constant depth {baseline:.4f}, correlation {correlation}"
+    )
+    # depth must rise and fall where the sensor's does (a constant cannot)
+    assert min(correlation) > MIN_DEPTH_CORRELATION, correlation
+    assert error < MAX_DEPTH_MAP_ERROR, error
+    assert error < MAX_DEPTH_MAP_RATIO * baseline, (error, baseline)
 
 
+@pytest.mark.xfail(strict=True, reason=DEPTH_FINDING)
 def test_mesh_agrees_with_the_depth_sensor(
     castel: tuple[Path, dict[str, StageResult]],
 ) -> None:
@@ -144,7 +178,7 @@ def test_mesh_agrees_with_the_depth_sensor(
     scene.add_triangles(o3d.t.io.read_triangle_mesh(str(workspace / "color" / "mesh.ply")))
     rows, cols = np.mgrid[0:480, 0:640]
     pixels = np.stack([cols.ravel() + 0.5, rows.ravel() + 0.5], axis=1).astype(np.float64)
-    ratios = []
+    ratios, constant, coverage, correlation = [], [], [], []
     for image in model.images.values():
         camera = model.cameras[image.camera_id]
         rays_cam = np.concatenate([camera.cam_from_img(pixels), np.ones((len(pixels), 1))], 1)
@@ -156,10 +190,18 @@ def test_mesh_agrees_with_the_depth_sensor(
         depth = scene.cast_rays(rays)["t_hit"].numpy().reshape(480, 640)
         truth = sensor_depth(frame_of(image.name))
         ok = np.isfinite(depth) & (truth > 0)
-        assert ok.mean() > 0.1, image.name
+        coverage.append(ok.sum() / max(1, (truth > 0).sum()))
         ratios.append(truth[ok] / depth[ok])
-    error = relative_errors(ratios)
-    assert np.median(error) < MAX_MESH_ERROR, np.median(error)
+        constant.append(truth[ok])
+        correlation.append(float(np.corrcoef(depth[ok], truth[ok])[0, 1]))
+    print(f"\nmesh coverage of the sensor's depth per view: {np.round(coverage, 3).tolist()}")
+    assert min(coverage) > MIN_MESH_COVERAGE, coverage
+    error = np.median(relative_errors(ratios))
+    baseline = np.median(relative_errors(constant))
+    print(f"mesh: error {error:.4f}, constant depth {baseline:.4f}, correlation {correlation}")
+    assert min(correlation) > MIN_DEPTH_CORRELATION, correlation
+    assert error < MAX_MESH_ERROR, error
+    assert error < MAX_MESH_RATIO * baseline, (error, baseline)
 
 
 def test_glb_from_real_photos_loads_with_its_texture(

@@ -22,9 +22,8 @@ from pipeline.stages.matching import choose_matcher, make_pairs
 Sparse = tuple[Path, dict[str, StageResult]]
 MakeContext = Callable[..., StageContext]
 
-# Measured on the demo scene: centre errors ~0.05% of the scene size, focal within 0.2%.
-MAX_CENTRE_ERROR = 0.01  # of the scene size
-MAX_FOCAL_ERROR = 0.02  # relative
+# Measured on the demo scene: centre errors at most 0.04% of the scene size.
+MAX_CENTRE_ERROR = 0.001  # of the scene size
 MAX_REPROJECTION_ERROR = 1.5  # px
 
 
@@ -53,8 +52,8 @@ def test_camera_centres_match_ground_truth(
     aligned = estimated @ matrix[:, :3].T + matrix[:, 3]
     errors = np.linalg.norm(aligned - truth, axis=1)
     assert errors.max() < MAX_CENTRE_ERROR * ground_truth["scene_size"], errors
-    focal = model.cameras[next(iter(model.cameras))].params[0]
-    assert abs(focal - ground_truth["focal_px"]) < MAX_FOCAL_ERROR * ground_truth["focal_px"]
+    # (the focal length is not checked here: these photos carry the exact value in EXIF,
+    # so it would only echo the prior; test_variants.py checks it on photos without EXIF)
 
 
 def test_features_share_one_camera_with_exif_prior(

@@ -90,3 +90,48 @@ def notification_kinds(home: Home) -> dict[str | None, list[str]]:
     for job_id, kind in rows:
         out.setdefault(job_id, []).append(kind)
     return out
+
+
+def _stage_log(path: Path) -> list[list[str]]:
+    if not path.exists():
+        return []
+    return [line.split() for line in path.read_text().splitlines() if len(line.split()) >= 3]
+
+
+def classify_kill(home: Home, t_prev: float, t_kill: float) -> str:
+    """What a kill at `t_kill` interrupted, from the fake stages' own logs (each stage
+    writes `stage_runs.log` when it starts and `stage_times.log` when it has published)
+    and the ledger's event times. Every stage process dies with the daemon, so a stage
+    that started after the previous kill and had not published by this one was running.
+
+    Returns "stage <name>" (a stage was running), "published <name>" (a stage had
+    published its output but the ledger had not yet recorded it done), or "between
+    stages" (the daemon itself was starting, committing, or spawning)."""
+    running, published = [], []
+    for ws in home.workspaces.glob("*"):
+        ends = {(r[0], r[1]): float(r[2]) for r in _stage_log(ws / "stage_times.log")}
+        for stage, _pid, started in _stage_log(ws / "stage_runs.log"):
+            t0 = float(started)
+            if not t_prev < t0 <= t_kill:
+                continue
+            end = ends.get((stage, started))
+            if end is None or end > t_kill:
+                running.append(stage)
+            else:
+                published.append((ws.name, stage, end))
+    if running:
+        return f"stage {running[0]}"
+    if published:
+        ledger = open_ledger(home)
+        try:
+            for job_id, stage, end in published:
+                done = [
+                    e.at
+                    for e in ledger.events(job_id, limit=100_000)
+                    if e.kind == "stage" and e.message.split()[1:3] == [stage, "done"]
+                ]
+                if not any(end <= at <= t_kill for at in done):
+                    return f"published {stage}"
+        finally:
+            ledger.close()
+    return "between stages"

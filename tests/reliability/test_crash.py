@@ -8,6 +8,8 @@ import json
 import random
 import signal
 import time
+from collections import Counter
+from typing import Any
 
 import psutil
 import pytest
@@ -15,6 +17,7 @@ from daemon_harness import Home, wait_for
 from dbus_notifications import private_notification_bus
 from rel_helpers import (
     check_exports,
+    classify_kill,
     notification_kinds,
     open_ledger,
     orphans,
@@ -22,6 +25,9 @@ from rel_helpers import (
 )
 
 from pipeline import STAGES
+
+# which pipeline the scenarios run (RELIABILITY.md says so per row)
+PIPELINE = "fake (tests/fakepipeline.py)"
 
 
 def _no_orphans(home: Home) -> None:
@@ -110,23 +116,35 @@ def test_kill_while_notification_is_being_sent(tmp_path) -> None:  # type: ignor
 
 def test_kill_while_stage_process_starts(home: Home) -> None:
     """The daemon is killed the moment a new stage process appears (before that child has
-    finished starting), three times. No stage process outlives the daemon that started it,
-    and the job then succeeds with each stage recorded once."""
-    home.images("spawn")
+    finished starting), three times. The new process is checked to be a stage: forked by
+    the stage process server after that server's warm-up child has come and gone. No
+    stage process outlives the daemon that started it, and the job then succeeds with
+    each stage recorded once."""
+    home.images("spawn", {s: {"sleep": 0.3} for s in STAGES})
     home.start()
     home.drop("spawn")
     job_id = wait_for(lambda: (home.job("spawn") or {}).get("id"))
     for _ in range(3):
+        wait_for(lambda: "stage processes ready" in home.log_since(), 30)
         me = psutil.Process(home.proc.pid)  # type: ignore[union-attr]
         before = {c.pid for c in me.children(recursive=True)}
+        servers = {
+            c.pid for c in me.children(recursive=True) if "forkserver" in " ".join(c.cmdline())
+        }
+        assert servers, "no stage process server under the daemon"
 
         def new_process(me: psutil.Process = me, before: set[int] = before) -> set[int]:
             with contextlib.suppress(psutil.Error):
                 return {c.pid for c in me.children(recursive=True)} - before
             return set()
 
-        wait_for(new_process, 20, 0.002)
+        born = wait_for(new_process, 20, 0.002)
+        parents = set()
+        for pid in born:
+            with contextlib.suppress(psutil.Error):
+                parents.add(psutil.Process(pid).ppid())
         home.kill9()
+        assert parents <= servers, (parents, servers)  # a stage, not the server itself
         time.sleep(1.0)  # long enough for a surviving child to get going
         _no_orphans(home)
         home.start()
@@ -157,29 +175,49 @@ def test_cancel_then_kill_before_daemon_acts(home: Home) -> None:
 
 
 @pytest.mark.slow
-def test_random_kill_soak(home: Home) -> None:
+def test_random_kill_soak(home: Home, record_property: Any) -> None:
     """20 jobs (some with transient failures) run two at a time while the daemon is
     killed with SIGKILL 30 times at random moments (seeded, so a failure can be replayed)
-    and restarted. Every job succeeds exactly once with every stage recorded done once,
-    every export loads, one notification per job, and no process is left over."""
+    and restarted; each restart waits for that start's own "watching" line, each kill
+    comes 0.3-1.5 s after that start's stage processes are ready. Every job
+    succeeds exactly once with every stage recorded done once, every export loads, one
+    notification per job, and no process is left over. What each kill interrupted is
+    recorded; at least 2 of 3 kills must land while a stage runs."""
     seed = 20240607
     rng = random.Random(seed)
     env = {"DROPMESH_MAX_JOBS": "2"}
     names = [f"soak{i:02d}" for i in range(20)]
     for i, name in enumerate(names):
-        beh: dict[str, object] = {s: {"sleep": rng.choice([0.02, 0.1, 0.3])} for s in STAGES}
+        beh: dict[str, object] = {s: {"sleep": rng.choice([0.3, 0.6, 1.0])} for s in STAGES}
         if i % 5 == 0:
             beh[rng.choice(STAGES)] = {"fail": 1, "how": rng.choice(["segv", "transient"])}
         home.images(name, beh)
     home.start(**env)
     for name in names:
         home.drop(name)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
+    kills: list[str] = []
+    t_prev = time.time()
     for _ in range(30):
+        # a random moment once this start's stage processes are ready (before that, a
+        # kill would only ever interrupt the daemon's own start-up)
+        wait_for(lambda: "stage processes ready" in home.log_since(), 30)
         time.sleep(rng.uniform(0.3, 1.5))
+        t_kill = time.time()
         home.kill9()
+        kills.append(classify_kill(home, t_prev, t_kill))
+        t_prev = t_kill
         home.start(**env)
         assert time.monotonic() < deadline, f"soak took too long (seed {seed})"
+    counts = Counter(kills)
+    in_stage = sum(n for k, n in counts.items() if k.startswith("stage "))
+    print(f"\nkills: {counts}")
+    record_property(
+        "kills",
+        f"{in_stage} of {len(kills)} in a running stage; "
+        + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())),
+    )
+    assert in_stage * 3 >= 2 * len(kills), counts
     jobs = {}
     for name in names:
         jobs[name] = home.wait_state(name, "succeeded", timeout=max(deadline - time.monotonic(), 5))

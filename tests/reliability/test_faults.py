@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from daemon_harness import Home, wait_for
@@ -18,18 +19,29 @@ from rel_helpers import check_exports, orphans
 
 FAULT_ENV = {"DROPMESH_MAX_JOBS": "2"}
 
+# which pipeline the scenarios run (RELIABILITY.md says so per row)
+PIPELINE = "fake (tests/fakepipeline.py)"
+PIPELINE_OF = {"test_images_deleted_or_unreadable": "fake, with the real ingest stage"}
+
 
 @contextlib.contextmanager
 def tmpfs(target: Path, options: str) -> Iterator[Path]:
-    """A small tmpfs mounted over `target` (root only)."""
+    """A small tmpfs mounted over `target` (root only). With DROPMESH_REQUIRE_TMPFS set
+    (CI sets it), not being able to mount one fails the test instead of skipping it."""
+
+    def skip(reason: str) -> NoReturn:
+        if os.environ.get("DROPMESH_REQUIRE_TMPFS"):
+            pytest.fail(f"DROPMESH_REQUIRE_TMPFS is set, but {reason}")
+        pytest.skip(reason)
+
     if os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root")
+        skip("mounting a small filesystem needs root")
     target.mkdir(parents=True, exist_ok=True)
     res = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True
     )
     if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+        skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
     try:
         yield target
     finally:

@@ -16,6 +16,9 @@ from rel_helpers import open_ledger
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
+# which pipeline the scenarios run (RELIABILITY.md says so per row)
+PIPELINE = "fake (tests/fakepipeline.py)"
+
 
 def _run_daemon_expect_refusal(home: Home) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -1,0 +1,87 @@
+"""Run the real pipeline on one demo variant and measure it against its ground truth.
+
+Shared by tests/pipeline/test_variants.py and by anyone measuring the variants by hand:
+
+    python tests/pipeline/variant_runs.py OUT VARIANT [VARIANT ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycolmap
+
+from pipeline import JobSpec, StageContext, run_stage
+from pipeline.demo import render_scene
+from pipeline.evaluate import evaluate, evaluate_object
+
+SPARSE = ("ingest", "features", "matching", "mapping", "undistort")
+DENSE = ("stereo", "fusion", "meshing", "color")
+IMAGES = 16
+
+
+def run_variant(root: Path, variant: str, *, dense: bool = True) -> dict[str, Any]:
+    """Render `variant` into root/scene, run the pipeline (quality low) in root/ws and
+    return the figures: registration, camera error, focal and k1, scene and object F."""
+    scene, workspace = root / "scene", root / "ws"
+    info = render_scene(scene, n_images=IMAGES, seed=0, variant=variant)
+    spec = JobSpec(project=variant, images=scene / "images", quality="low", job_id="v")
+    seconds: dict[str, float] = {}
+    results = {}
+    stages = SPARSE + (DENSE if dense else ())
+    for name in stages:
+        t0 = time.perf_counter()
+        ctx = StageContext(spec=spec, workspace=workspace, results_dir=root / "results")
+        results[name] = run_stage(name, ctx)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+    mapping = results["mapping"].metrics
+    model = pycolmap.Reconstruction(workspace / "mapping" / "sparse" / "0")
+    names = sorted(image.name for image in model.images.values())
+    estimated = np.array([model.find_image_with_name(n).projection_center() for n in names])
+    truth = np.array([info["images"][n]["centre"] for n in names])
+    sim = pycolmap.estimate_sim3d(estimated, truth)
+    matrix = np.asarray(sim.matrix())
+    errors = np.linalg.norm(estimated @ matrix[:, :3].T + matrix[:, 3] - truth, axis=1)
+    camera = model.cameras[next(iter(model.cameras))]
+    focal = info["focal_px"] * camera.width / info["width"]
+    with pycolmap.Database.open(str(workspace / "features" / "database.db")) as db:
+        keypoints = [db.read_keypoints(im.image_id).shape[0] for im in db.read_all_images()]
+    out: dict[str, Any] = {
+        "variant": variant,
+        "size": [info["width"], info["height"]],
+        "registered": int(mapping["registered"]),
+        "total": int(mapping["total"]),
+        "models": int(mapping["models"]),
+        "keypoints_median": int(np.median(keypoints)),
+        "centre_error_max": float(errors.max() / info["scene_size"]),
+        "centre_error_mean": float(errors.mean() / info["scene_size"]),
+        # ingest may have resized the photos: the true focal length at the model's size
+        "focal_error": float(abs(camera.params[0] / focal - 1.0)),
+        "k1": float(camera.params[3]) if len(camera.params) > 3 else 0.0,
+        "k1_truth": float(info["params"][3]),
+        "seconds": seconds,
+    }
+    if dense:
+        args = (workspace / "color" / "mesh.ply", scene / "ground_truth")
+        sparse = workspace / "undistort" / "sparse"
+        out["scene_fscore"] = evaluate(*args, sparse, samples=100_000).to_json()["fscore"]
+        obj = evaluate_object(*args, sparse, samples=100_000).to_json()
+        out["object"] = {k: obj[k] for k in ("precision", "recall", "fscore", "threshold")}
+    return out
+
+
+def main(argv: list[str]) -> int:
+    root = Path(argv[0])
+    for variant in argv[1:]:
+        figures = run_variant(root / variant, variant)
+        print(json.dumps(figures), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
