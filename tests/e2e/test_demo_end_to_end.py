@@ -19,7 +19,7 @@ def test_demo_request_gives_glb_and_notification(
 ) -> None:
     home = Home(tmp_path / "home", env=notification_bus.env)
     try:
-        home.start(DROPMESH_PIPELINE="pipeline.stages:run_stage")
+        home.start(DROPMESH_TEST_PIPELINE="pipeline.stages:run_stage")
         home.cli("demo", "--images", "16", "--quality", "low")
         job = home.wait_state("demo", "succeeded", "failed", timeout=600)
         assert job["state"] == "succeeded", job["error"]
