@@ -112,21 +112,8 @@ def load(home: Path | str | None = None, env: dict[str, str] | None = None) -> C
     cfg = Config(home=home_path)
     defaults = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "home"}
 
-    values: dict[str, Any] = {}
     cfg_file = home_path / "config.toml"
-    source = cfg_file if cfg_file.exists() else DEFAULT_CONFIG
-    if source.exists():
-        try:
-            data = tomllib.loads(source.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-        for key, value in data.items():
-            if key in _REMOVED:
-                _removed(key, value, f"{source}: key {key!r}", "delete the line")
-            elif key not in defaults:
-                raise ConfigError(f"{source}: unknown key {key!r}")
-            else:
-                values[key] = _coerce(key, defaults[key], value, str(source))
+    values = _from_file(cfg_file if cfg_file.exists() else DEFAULT_CONFIG, defaults)
     for key in _REMOVED:
         env_key = f"DROPMESH_{key.upper()}"
         if env_key in env:
@@ -158,6 +145,25 @@ def load(home: Path | str | None = None, env: dict[str, str] | None = None) -> C
     if cfg.max_jobs < 1 or cfg.max_attempts < 1:
         raise ConfigError("keys 'max_jobs' and 'max_attempts' must be at least 1")
     return cfg
+
+
+def _from_file(source: Path, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The keys `source` sets, converted; unknown keys are refused by name."""
+    if not source.exists():
+        return {}
+    try:
+        data = tomllib.loads(source.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _REMOVED:
+            _removed(key, value, f"{source}: key {key!r}", "delete the line")
+        elif key not in defaults:
+            raise ConfigError(f"{source}: unknown key {key!r}")
+        else:
+            values[key] = _coerce(key, defaults[key], value, str(source))
+    return values
 
 
 def _removed(key: str, value: Any, where: str, fix: str) -> None:

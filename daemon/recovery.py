@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from daemon.config import Config
+from daemon.db import LedgerError
 from daemon.joblog import JobLog
 from daemon.ledger import Ledger
 from daemon.scheduler import GpuCount
@@ -61,6 +62,25 @@ class HomeLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+def open_home(cfg: Config) -> tuple[HomeLock | None, Ledger]:
+    """Make the home's folders, take its lock (SQLite ledger) and open the ledger,
+    creating or migrating it. Raises DaemonError saying what is wrong."""
+    cfg.ensure_dirs()
+    # One daemon per SQLite ledger. A server ledger (PostgreSQL) is shared by any
+    # number of daemons, which coordinate through leases instead.
+    lock = HomeLock(cfg) if cfg.url.startswith("sqlite") else None
+    try:
+        refuse_ledger_without_history(cfg)
+        try:
+            return lock, Ledger.open(cfg.url, create=True)
+        except LedgerError as exc:
+            raise DaemonError(str(exc)) from exc
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
 
 def refuse_ledger_without_history(cfg: Config) -> None:

@@ -19,18 +19,9 @@ from multiprocessing.connection import wait as wait_connections
 from typing import Any, Literal, Protocol
 
 from daemon.config import Config
-from daemon.db import LedgerError
 from daemon.intake import Intake
 from daemon.joblog import JobLog
-from daemon.ledger import Ledger
-from daemon.recovery import (
-    DaemonError,
-    HomeLock,
-    Recovery,
-    host_of,
-    new_daemon_id,
-    refuse_ledger_without_history,
-)
+from daemon.recovery import DaemonError, Recovery, host_of, new_daemon_id, open_home
 from daemon.scheduler import GpuCount, Scheduler
 from daemon.stageproc import runner_from_env, start_fork_server, wait_fork_server_ready
 from daemon.states import JobState
@@ -96,19 +87,7 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.companions = list(companions)
         self._notifier = notifier if notifier is not None else Notifier()
-        cfg.ensure_dirs()
-        # One daemon per SQLite ledger. A server ledger (PostgreSQL) is shared by any
-        # number of daemons, which coordinate through leases instead.
-        self._lock = HomeLock(cfg) if cfg.url.startswith("sqlite") else None
-        try:
-            refuse_ledger_without_history(cfg)
-            self.ledger = Ledger.open(cfg.url, create=True)
-        except LedgerError as exc:
-            self._release_lock()
-            raise DaemonError(str(exc)) from exc
-        except BaseException:
-            self._release_lock()
-            raise
+        self._lock, self.ledger = open_home(cfg)
         # Wakes the main loop (a new job, a stop request).
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -216,9 +195,6 @@ class Daemon:
         self._wake_r.close()
         self._wake_w.close()
         self.ledger.close()
-        self._release_lock()
-
-    def _release_lock(self) -> None:
         if self._lock is not None:
             self._lock.release()
 

@@ -221,7 +221,8 @@ def classify(exc: BaseException) -> Failure:
     return Failure(permanent, text, "see `dropmesh logs` for details")
 
 
-def child_main(task: StageTask, conn: Connection) -> None:
+def _become_stage_process(task: StageTask) -> None:
+    """Its own process group, which dies with the daemon; output to the job's log."""
     _die_with_parent()
     os.setpgid(0, 0)
     _die_with_daemon(task.daemon_pid)
@@ -236,6 +237,12 @@ def child_main(task: StageTask, conn: Connection) -> None:
         format=f"%(asctime)s {task.stage} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def child_main(task: StageTask, conn: Connection) -> None:
+    """The stage child: run one stage, send its progress and then one Done, Cancelled
+    or Failure. SIGTERM asks the stage to stop at its next cancellation check."""
+    _become_stage_process(task)
     cancel_flag = {"set": False}
 
     def _on_term(_sig: int, _frame: Any) -> None:
