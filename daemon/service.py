@@ -86,6 +86,7 @@ class Daemon:
         self.daemon_id = new_daemon_id()
         self.stop_requested = threading.Event()
         self.companions = list(companions)
+        self._companions_started = False
         self._notifier = notifier if notifier is not None else Notifier()
         self._lock, self.ledger = open_home(cfg)
         # Wakes the main loop (a new job, a stop request).
@@ -157,6 +158,7 @@ class Daemon:
             f"{gpus} CUDA device(s)" if gpus else "none, CPU only",
         )
         self._intake_thread.start()
+        self._companions_started = True
         self._each_companion("start")
 
     def _main_loop(self, once: bool) -> None:
@@ -189,7 +191,8 @@ class Daemon:
         self.watcher.stop()
         if self._notify_thread.ident is not None:
             self._notify_thread.join(timeout=3)
-        self._each_companion("stop")
+        if self._companions_started:
+            self._each_companion("stop")
         with contextlib.suppress(Exception):
             self.recovery.unregister()
         self._wake_r.close()
