@@ -76,6 +76,7 @@ class Scheduler:
         gpus: GpuCount,
         runner: str,
         stop: threading.Event,
+        ready: threading.Event,
     ) -> None:
         self.cfg = cfg
         self.ledger = ledger
@@ -85,6 +86,9 @@ class Scheduler:
         self.gpus = gpus
         self.runner = runner
         self._stop = stop
+        # Set once stage processes can start. Until then starting one blocks the main
+        # loop (no heartbeats): a claimed job's lease could expire and the job run twice.
+        self._ready = ready
         self.running: dict[str, Running] = {}
         self.gpu_busy = False
         self.rng = random.Random()
@@ -106,6 +110,8 @@ class Scheduler:
 
     def start_jobs(self) -> None:
         """Claim jobs while there is room (max_jobs) and start their next stage."""
+        if not self._ready.is_set():
+            return
         while len(self.running) < self.cfg.max_jobs and not self._stop.is_set():
             job = self.ledger.claim_next(
                 self.daemon_id, lease_s=self.cfg.stale_after_s, skip_next=self._leave_to_gpu()

@@ -85,6 +85,7 @@ class Daemon:
         self.cfg = cfg
         self.daemon_id = new_daemon_id()
         self.stop_requested = threading.Event()
+        self._stages_ready = threading.Event()  # the stage process server has started
         self.companions = list(companions)
         self._companions_started = False
         self._notifier = notifier if notifier is not None else Notifier()
@@ -106,6 +107,7 @@ class Daemon:
             gpus=self.gpus,
             runner=runner or runner_from_env(),
             stop=self.stop_requested,
+            ready=self._stages_ready,
         )
         self.intake = Intake(cfg, self.ledger, joblog, stop=self.stop_requested, wake=self.wake)
         self.watcher = InboxWatcher(cfg.inbox, use_polling=cfg.use_polling, settle_s=cfg.settle_s)
@@ -207,6 +209,9 @@ class Daemon:
         except Exception:
             log.exception("the stage process server did not start; stages will start it")
             return
+        finally:
+            self._stages_ready.set()
+            self.wake()
         log.info("stage processes ready (their libraries loaded in %.1f s)", took)
 
     def _install_signals(self) -> None:
