@@ -32,7 +32,7 @@ SIZE = (1024, 768)
 # The daemon as configured by default (the harness's fast test timings undone), with the
 # real pipeline on the CPU.
 DAEMON_ENV = {
-    "DROPMESH_PIPELINE": "pipeline.stages:run_stage",
+    "DROPMESH_TEST_PIPELINE": "pipeline.stages:run_stage",
     "DROPMESH_RETRY_BASE_S": "30",
     "DROPMESH_RETRY_MAX_S": "900",
     "DROPMESH_RESCAN_S": "30",
@@ -128,7 +128,7 @@ def startup_costs(stages: tuple[str, ...]) -> dict[str, float]:
     targets = {"python": "pass"}
     for mod in ("pycolmap", "open3d", "cv2", "scipy.spatial", "trimesh"):
         targets[mod] = f"import {mod}"
-    targets["daemon.worker"] = "import daemon.worker"
+    targets["daemon.stageproc"] = "import daemon.stageproc"
     for s in stages:
         targets[f"stage:{s}"] = f"import pipeline.stages.{s}"
     out = {}

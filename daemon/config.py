@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -10,6 +11,18 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
+
+log = logging.getLogger("dropmesh.config")
+
+# Keys that were settings once -> (the one value they could usefully hold, why they went).
+# The old value is ignored with a warning; any other is refused, since it would not be
+# honoured any more.
+_REMOVED = {
+    "pipeline": (
+        "pipeline.stages:run_stage",
+        "stages always run the photogrammetry pipeline (pipeline.stages)",
+    ),
+}
 
 
 class ConfigError(Exception):
@@ -42,7 +55,6 @@ class Config:
     notify: bool = True
     keep_workspaces_days: float = 14.0
     log_level: str = "INFO"
-    pipeline: str = "pipeline.stages:run_stage"
     http: str = ""
     http_token: str = ""
 
@@ -102,18 +114,12 @@ def load(home: Path | str | None = None, env: dict[str, str] | None = None) -> C
     cfg = Config(home=home_path)
     defaults = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "home"}
 
-    values: dict[str, Any] = {}
     cfg_file = home_path / "config.toml"
-    source = cfg_file if cfg_file.exists() else DEFAULT_CONFIG
-    if source.exists():
-        try:
-            data = tomllib.loads(source.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-        for key, value in data.items():
-            if key not in defaults:
-                raise ConfigError(f"{source}: unknown key {key!r}")
-            values[key] = _coerce(key, defaults[key], value, str(source))
+    values = _from_file(cfg_file if cfg_file.exists() else DEFAULT_CONFIG, defaults)
+    for key in _REMOVED:
+        env_key = f"DROPMESH_{key.upper()}"
+        if env_key in env:
+            _removed(key, env[env_key], env_key, "unset it")
     for key in defaults:
         env_key = f"DROPMESH_{key.upper()}"
         if env_key in env:
@@ -145,6 +151,36 @@ def load(home: Path | str | None = None, env: dict[str, str] | None = None) -> C
     if cfg.max_jobs < 1 or cfg.max_attempts < 1:
         raise ConfigError("keys 'max_jobs' and 'max_attempts' must be at least 1")
     return cfg
+
+
+def _from_file(source: Path, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The keys `source` sets, converted; unknown keys are refused by name."""
+    if not source.exists():
+        return {}
+    try:
+        data = tomllib.loads(source.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _REMOVED:
+            _removed(key, value, f"{source}: key {key!r}", "delete the line")
+        elif key not in defaults:
+            raise ConfigError(f"{source}: unknown key {key!r}")
+        else:
+            values[key] = _coerce(key, defaults[key], value, str(source))
+    return values
+
+
+def _removed(key: str, value: Any, where: str, fix: str) -> None:
+    """A key that is no longer a setting: warn about its old value, refuse any other."""
+    old, why = _REMOVED[key]
+    if value == old:
+        log.warning("%s is no longer a setting and is ignored: %s; %s", where, why, fix)
+        return
+    raise ConfigError(
+        f"{where} is no longer a setting: {why}, so {value!r} would not be used; {fix}"
+    )
 
 
 def _under_home(home: Path, p: Path) -> Path:

@@ -26,6 +26,11 @@ class RequestError(Exception):
     """The request cannot be accepted; the message names the key and the reason."""
 
 
+class UnparsableRequest(RequestError):
+    """The file is not valid TOML or JSON. A request still being written looks the same,
+    so a reader may look again a little later before rejecting it."""
+
+
 def display_name(path: Path) -> str:
     """A file name as text for the ledger and messages: bytes that are not UTF-8 (the file
     system allows them) are shown as U+FFFD instead of failing every write of the name."""
@@ -145,12 +150,12 @@ def parse(
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise RequestError(f"not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+            raise UnparsableRequest(f"not valid JSON: {exc.msg} at line {exc.lineno}") from exc
     else:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise RequestError(f"not valid TOML: {exc}") from exc
+            raise UnparsableRequest(f"not valid TOML: {exc}") from exc
     if not isinstance(data, dict):
         raise RequestError("the request must be a table of keys (TOML) or an object (JSON)")
     try:

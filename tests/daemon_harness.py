@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
 FAST_ENV = {
-    "DROPMESH_PIPELINE": "fakepipeline:run_stage",
+    # The stage runner of the daemon's stage children (daemon.stageproc.RUNNER_ENV).
+    "DROPMESH_TEST_PIPELINE": "fakepipeline:run_stage",
     "DROPMESH_RETRY_BASE_S": "0.2",
     "DROPMESH_RETRY_MAX_S": "1",
     "DROPMESH_RESCAN_S": "1",

@@ -32,8 +32,15 @@ def test_pipeline_never_imports_daemon() -> None:
 
 
 def test_shipped_default_is_the_real_pipeline() -> None:
-    text = (ROOT / "config.toml").read_text()
-    assert 'pipeline = "pipeline.stages:run_stage"' in text
+    import tomllib
+
+    from daemon.stageproc import DEFAULT_RUNNER, load_runner, runner_from_env
+    from pipeline.stages import run_stage
+
+    # Only a test chooses another runner, through the environment; no setting offers one.
+    assert runner_from_env({}) == DEFAULT_RUNNER
+    assert load_runner(DEFAULT_RUNNER) is run_stage
+    assert "pipeline" not in tomllib.loads((ROOT / "config.toml").read_text())
     assert not list((ROOT / "daemon").rglob("fake*.py"))
 
 

@@ -41,6 +41,7 @@ def run(
     Example: dropmesh run --home ~/scans
     """
     from daemon.service import Daemon, DaemonError
+    from daemon.web.supervisor import DashboardSupervisor
 
     cfg = load_config(ctx, home)
     logging.basicConfig(
@@ -50,7 +51,9 @@ def run(
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        code = Daemon(cfg).run(once=once)
+        # the dashboard (config key `http`): a supervised child process beside the daemon
+        dashboard = None if once else DashboardSupervisor.from_config(cfg)
+        code = Daemon(cfg, companions=[dashboard] if dashboard else []).run(once=once)
     except DaemonError as exc:
         raise fail(str(exc)) from exc
     raise typer.Exit(code)

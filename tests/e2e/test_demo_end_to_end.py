@@ -22,7 +22,7 @@ def test_demo_request_gives_glb_and_notification(
     try:
         # the product's own device choice, not the harness's "cpu": the GPU where pycolmap
         # sees one, else the CPU
-        home.start(DROPMESH_PIPELINE="pipeline.stages:run_stage", DROPMESH_DEVICE="auto")
+        home.start(DROPMESH_TEST_PIPELINE="pipeline.stages:run_stage", DROPMESH_DEVICE="auto")
         expected_device = "gpu" if cuda_device_count() > 0 else "cpu"
         home.cli("demo", "--images", "16", "--quality", "low")
         job = home.wait_state("demo", "succeeded", "failed", timeout=600)

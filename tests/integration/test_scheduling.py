@@ -19,6 +19,23 @@ class _Quiet:
         return True
 
 
+class _Recorder:
+    """A companion that records the daemon's calls into it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def poll(self) -> None:
+        if self.calls[-1:] != ["poll"]:
+            self.calls.append("poll")
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+
 def _intervals(home: Home, job_id: str) -> list[tuple[str, float, float]]:
     lines = (home.workspaces / job_id / "stage_times.log").read_text().splitlines()
     return [(s, float(a), float(b)) for s, a, b in (line.split() for line in lines)]
@@ -32,13 +49,15 @@ def test_two_jobs_share_one_gpu_slot(
     for key, value in {**FAST_ENV, "DROPMESH_MAX_JOBS": "2", "DROPMESH_DEVICE": "auto"}.items():
         monkeypatch.setenv(key, value)
     cfg = config.load(home.root)
-    daemon = Daemon(cfg, notifier=_Quiet(), gpu_count=gpus)
+    companion = _Recorder()
+    daemon = Daemon(cfg, notifier=_Quiet(), gpu_count=gpus, companions=[companion])
     thread = threading.Thread(target=daemon.run, kwargs={"once": False}, daemon=True)
     for name in ("a", "b"):
         home.images(name, {"_all": {"sleep": 0.4}})
     thread.start()
     try:
-        wait_for(lambda: daemon.intake_idle.is_set(), 30)
+        wait_for(lambda: daemon.intake.idle.is_set(), 30)
+        assert companion.calls[0] == "start"
         home.drop("a")
         home.drop("b")
         ledger = Ledger.open(cfg.url)
@@ -52,8 +71,9 @@ def test_two_jobs_share_one_gpu_slot(
         )
         a, b = (_intervals(home, j.id) for j in ledger.list_jobs())
     finally:
-        daemon.stop_requested.set()
+        daemon.stop()
         thread.join(15)
+    assert companion.calls == ["start", "poll", "stop"]
 
     def overlap(x: tuple[str, float, float], y: tuple[str, float, float]) -> bool:
         return x[1] < y[2] and y[1] < x[2]

@@ -51,7 +51,7 @@ def test_kill_inside_each_real_stage(home: Home, record_property: Any) -> None:
     left behind; the GLB loads with its faces; no process of a killed daemon is left."""
     scene = home.root / "photos" / "real"
     render_scene(scene, n_images=10, size=(480, 360), seed=0)
-    home.start(DROPMESH_PIPELINE="pipeline.stages:run_stage")
+    home.start(DROPMESH_TEST_PIPELINE="pipeline.stages:run_stage")
     home.drop("real", images="../photos/real/images", quality="low", formats=["glb"])
     job_id = wait_for(lambda: (home.job("real") or {}).get("id"), 30)
     workspace = home.workspaces / job_id
@@ -68,7 +68,7 @@ def test_kill_inside_each_real_stage(home: Home, record_property: Any) -> None:
             f"{stage} ({seen}) after {time.monotonic() - t0:.1f} s"
             + (" (it still published)" if published else "")
         )
-        home.start(DROPMESH_PIPELINE="pipeline.stages:run_stage")
+        home.start(DROPMESH_TEST_PIPELINE="pipeline.stages:run_stage")
     print(f"\nkilled inside: {rows}")
     record_property("killed inside", ", ".join(rows))
     job = home.wait_state("real", "succeeded", "failed", timeout=600)

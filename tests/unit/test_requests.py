@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.requests import RequestError, is_request_file, parse
+from daemon.requests import RequestError, UnparsableRequest, is_request_file, parse
 
 
 @pytest.fixture
@@ -124,3 +124,17 @@ def test_same_content_same_hash(root: Path) -> None:
 )
 def test_request_file_filter(name: str, ok: bool) -> None:
     assert is_request_file(Path(name)) is ok
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("half.toml", 'images = "../photos/fou'), ("half.json", '{"images": "../photos/fou')],
+)
+def test_unparsable_request_has_its_own_type(root: Path, name: str, text: str) -> None:
+    # what a request still being written looks like: the daemon looks again before
+    # rejecting it, so the type (not the wording) tells it apart from other errors
+    with pytest.raises(UnparsableRequest, match="not valid"):
+        parse(write(root, text, name), allowed_roots=[root])
+    with pytest.raises(RequestError) as info:
+        parse(write(root, 'images = "../photos/nope"\n'), allowed_roots=[root])
+    assert not isinstance(info.value, UnparsableRequest)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from daemon.service import backoff_delay
+from daemon.scheduler import backoff_delay
 from daemon.states import TRANSITIONS, JobState, TransitionError, check_transition
 
 

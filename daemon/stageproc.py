@@ -27,20 +27,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-log = logging.getLogger("dropmesh.worker")
+log = logging.getLogger("dropmesh.stageproc")
 
 _CHILDREN = mp.get_context("forkserver")
 # Imported once by the fork server. Only libraries that start no threads of their own at
 # import belong here; the OpenBLAS pools that numpy, scipy and cv2 each bring are
 # fork-aware.
 PRELOAD = [
-    "daemon.worker",
+    "daemon.stageproc",
     "pipeline",
     "numpy",
     "scipy.spatial",
@@ -89,9 +90,21 @@ def wait_fork_server_ready() -> float:
     return time.monotonic() - t0
 
 
+# The stage runner, as module:function taking (stage_name, StageContext): always the
+# photogrammetry pipeline, except where a test names a stand-in in RUNNER_ENV. The
+# daemon reads it once and hands it to each child in its StageTask (the fork server's
+# environment is the daemon's at the server's start, not at the stage's).
+DEFAULT_RUNNER = "pipeline.stages:run_stage"
+RUNNER_ENV = "DROPMESH_TEST_PIPELINE"
+
+
+def runner_from_env(env: dict[str, str] | None = None) -> str:
+    """The runner for stage children: DEFAULT_RUNNER unless a test sets RUNNER_ENV."""
+    return (os.environ if env is None else env).get(RUNNER_ENV) or DEFAULT_RUNNER
+
+
 @dataclass
 class StageTask:
-    pipeline: str  # module:function taking (stage_name, StageContext)
     stage: str
     spec: dict[str, Any]
     workspace: str
@@ -99,6 +112,7 @@ class StageTask:
     device: str
     threads: int
     log_path: str
+    runner: str = DEFAULT_RUNNER
     daemon_pid: int = field(default_factory=os.getpid)
 
 
@@ -142,28 +156,74 @@ def _die_with_daemon(pid: int, interval_s: float = 0.25) -> None:
     threading.Thread(target=watch, name="daemon-watch", daemon=True).start()
 
 
-def classify(exc: BaseException) -> tuple[str, str, str | None]:
-    """(kind, message, hint) where kind is permanent | transient."""
+class ErrorKind(StrEnum):
+    TRANSIENT = "transient"  # retrying may help
+    PERMANENT = "permanent"  # retrying cannot help
+
+
+# -- what a stage child sends the daemon over its pipe -----------------------------------
+
+
+@dataclass(frozen=True)
+class Progress:
+    fraction: float
+    message: str
+
+
+@dataclass(frozen=True)
+class Done:
+    metrics: dict[str, Any] = field(default_factory=dict)
+    # (path, format, size, sha256): what the export stage measured of each published file
+    exports: list[tuple[str, str, int | None, str | None]] = field(default_factory=list)
+    device: str | None = None
+    peak_rss_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    pass
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A classified error: what went wrong, whether a retry may help, and a hint."""
+
+    kind: ErrorKind
+    message: str
+    hint: str | None = None
+
+    @property
+    def transient(self) -> bool:
+        return self.kind is ErrorKind.TRANSIENT
+
+
+Message = Progress | Done | Cancelled | Failure
+
+
+def classify(exc: BaseException) -> Failure:
+    """Whether retrying may help with `exc`, in words for the user."""
     from pipeline.errors import PermanentError, TransientError
 
+    transient, permanent = ErrorKind.TRANSIENT, ErrorKind.PERMANENT
     if isinstance(exc, PermanentError):
-        return "permanent", exc.message, exc.hint
+        return Failure(permanent, exc.message, exc.hint)
     if isinstance(exc, TransientError):
-        return "transient", exc.message, exc.hint
+        return Failure(transient, exc.message, exc.hint)
     if isinstance(exc, MemoryError):
-        return "transient", "out of memory", "close other programs or use a lower quality"
+        return Failure(transient, "out of memory", "close other programs or use a lower quality")
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return "transient", f"disk full: {exc}", "free some disk space"
+        return Failure(transient, f"disk full: {exc}", "free some disk space")
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return "permanent", f"cannot write: {exc}", "check the folder's permissions"
+        return Failure(permanent, f"cannot write: {exc}", "check the folder's permissions")
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
     if "cuda" in low or "out of memory" in low or "bad_alloc" in low:
-        return "transient", text, None
-    return "permanent", text, "see `dropmesh logs` for details"
+        return Failure(transient, text)
+    return Failure(permanent, text, "see `dropmesh logs` for details")
 
 
-def child_main(task: StageTask, conn: Connection) -> None:
+def _become_stage_process(task: StageTask) -> None:
+    """Its own process group, which dies with the daemon; output to the job's log."""
     _die_with_parent()
     os.setpgid(0, 0)
     _die_with_daemon(task.daemon_pid)
@@ -178,6 +238,12 @@ def child_main(task: StageTask, conn: Connection) -> None:
         format=f"%(asctime)s {task.stage} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def child_main(task: StageTask, conn: Connection) -> None:
+    """The stage child: run one stage, send its progress and then one Done, Cancelled
+    or Failure. SIGTERM asks the stage to stop at its next cancellation check."""
+    _become_stage_process(task)
     cancel_flag = {"set": False}
 
     def _on_term(_sig: int, _frame: Any) -> None:
@@ -186,8 +252,7 @@ def child_main(task: StageTask, conn: Connection) -> None:
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    from pipeline import JobSpec, StageContext
-    from pipeline.errors import Cancelled
+    from pipeline import JobSpec, StageContext, errors
 
     last = [0.0]
 
@@ -195,7 +260,7 @@ def child_main(task: StageTask, conn: Connection) -> None:
         now = time.monotonic()
         if now - last[0] >= PROGRESS_INTERVAL_S or fraction >= 1.0:
             last[0] = now
-            conn.send(("progress", float(fraction), str(message)))
+            conn.send(Progress(float(fraction), str(message)))
 
     ctx = StageContext(
         spec=JobSpec.from_json(task.spec),
@@ -208,22 +273,21 @@ def child_main(task: StageTask, conn: Connection) -> None:
         log=logging.getLogger(f"pipeline.{task.stage}"),
     )
     try:
-        runner = load_runner(task.pipeline)
+        runner = load_runner(task.runner)
         result = runner(task.stage, ctx)
-        payload = {
-            "metrics": dict(result.metrics),
-            "exports": [(str(e.path), e.format, e.size, e.sha256) for e in result.exports],
-            "device": result.device,
-            "peak_rss_mb": _peak_rss_mb(),
-        }
-        conn.send(("done", payload))
-    except Cancelled:
-        conn.send(("cancelled",))
+        done = Done(
+            metrics=dict(result.metrics),
+            exports=[(str(e.path), e.format, e.size, e.sha256) for e in result.exports],
+            device=result.device,
+            peak_rss_mb=_peak_rss_mb(),
+        )
+        conn.send(done)
+    except errors.Cancelled:
+        conn.send(Cancelled())
     except BaseException as exc:  # report everything; the daemon decides
-        logging.getLogger("dropmesh.worker").exception("stage %s failed", task.stage)
-        kind, message, hint = classify(exc)
+        log.exception("stage %s failed", task.stage)
         with contextlib.suppress(Exception):
-            conn.send(("error", kind, message, hint))
+            conn.send(classify(exc))
     finally:
         conn.close()
         sys.stdout.flush()
@@ -236,20 +300,41 @@ def _peak_rss_mb() -> float:
     return max(own, children) / 1024.0
 
 
+class OutcomeKind(StrEnum):
+    DONE = "done"
+    ERROR = "error"  # the stage raised; `transient` says whether a retry may help
+    CANCELLED = "cancelled"
+    CRASHED = "crashed"  # the child died without a result, or ran past its time
+
+
 @dataclass
 class Outcome:
-    kind: str  # done | error | cancelled | crashed
-    payload: dict[str, Any] = field(default_factory=dict)
+    """How a stage child ended."""
+
+    kind: OutcomeKind
+    done: Done | None = None  # the result, for DONE
     message: str = ""
     hint: str | None = None
     transient: bool = False
+
+    @classmethod
+    def failed(cls, failure: Failure, prefix: str = "") -> Outcome:
+        return cls(
+            OutcomeKind.ERROR,
+            message=prefix + failure.message,
+            hint=failure.hint,
+            transient=failure.transient,
+        )
+
+    @classmethod
+    def crashed(cls, message: str) -> Outcome:
+        return cls(OutcomeKind.CRASHED, message=message, transient=True)
 
 
 class StageProcess:
     """The daemon's handle on a running stage child."""
 
     def __init__(self, task: StageTask) -> None:
-        self.task = task
         self.conn, child_conn = _CHILDREN.Pipe(duplex=False)
         self.proc = _CHILDREN.Process(
             target=child_main,
@@ -261,7 +346,7 @@ class StageProcess:
         child_conn.close()
         self.started = time.monotonic()
         self.outcome: Outcome | None = None
-        self.progress: tuple[float, str] | None = None
+        self.progress: Progress | None = None  # the latest, until the daemon writes it
         self._eof = False
 
     def waitables(self) -> list[Any]:
@@ -278,17 +363,7 @@ class StageProcess:
         """Drain messages; return the outcome once the child has exited."""
         try:
             while self.conn.poll():
-                msg = self.conn.recv()
-                if msg[0] == "progress":
-                    self.progress = (msg[1], msg[2])
-                elif msg[0] == "done":
-                    self.outcome = Outcome("done", payload=msg[1])
-                elif msg[0] == "cancelled":
-                    self.outcome = Outcome("cancelled")
-                elif msg[0] == "error":
-                    self.outcome = Outcome(
-                        "error", message=msg[2], hint=msg[3], transient=msg[1] == "transient"
-                    )
+                self._receive(self.conn.recv())
         except (EOFError, OSError):
             # The child closed its end: only its exit is left to wait for.
             self._eof = True
@@ -303,9 +378,20 @@ class StageProcess:
                 msg = f"stage process {why} ({name})"
             else:
                 msg = f"stage process exited with status {code} without a result"
-            self.outcome = Outcome("crashed", message=msg, transient=True)
+            self.outcome = Outcome.crashed(msg)
         self.conn.close()
         return self.outcome
+
+    def _receive(self, msg: Message) -> None:
+        match msg:
+            case Progress():
+                self.progress = msg
+            case Done():
+                self.outcome = Outcome(OutcomeKind.DONE, done=msg)
+            case Cancelled():
+                self.outcome = Outcome(OutcomeKind.CANCELLED)
+            case Failure():
+                self.outcome = Outcome.failed(msg)
 
     def kill_tree(self, grace_s: float = 1.0) -> None:
         """SIGTERM the child and everything it started; SIGKILL what is left after
