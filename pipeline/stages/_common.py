@@ -92,7 +92,8 @@ def choose_device(requested: str) -> str:
     if requested == "gpu":
         raise PermanentError(
             f"device=gpu was requested but no GPU is available: {cuda.why_not}",
-            hint="install dropmesh[gpu] on a machine with an NVIDIA GPU, or use device=auto",
+            hint="use device=auto; on a machine with an NVIDIA GPU, `make venv` installs the "
+            "CUDA build of pycolmap",
         )
     return "cpu"
 

@@ -19,12 +19,12 @@ LOGS = "see `dropmesh logs` for details"
     [
         # the pipeline's own verdict, with its message and hint as they are
         (
-            PermanentError("only 2 of 30 images registered", stage="mapping", hint="more overlap"),
+            PermanentError("only 2 of 30 images registered", hint="more overlap"),
             P,
             "only 2 of 30 images registered",
             "more overlap",
         ),
-        (TransientError("GPU busy", stage="stereo"), T, "GPU busy", None),
+        (TransientError("GPU busy"), T, "GPU busy", None),
         # resources that may come back
         (MemoryError(), T, "out of memory", "close other programs or use a lower quality"),
         (
