@@ -55,9 +55,8 @@ MIN_MESH_COVERAGE = 0.65
 
 
 @pytest.fixture(scope="module")
-def castel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, StageResult]]:
-    """The photos as JPEGs (as a user would drop them) and a workspace where every stage
-    has run on them at quality "low"."""
+def castel_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The photos as JPEGs, as a user would drop them."""
     if not (CASTEL / "castel").is_dir():
         reason = f"{CASTEL} is missing: install Debian's visp-images-data (make test does)"
         if os.environ.get("DROPMESH_REQUIRE_REAL_PHOTOS"):
@@ -68,6 +67,14 @@ def castel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, St
     images.mkdir()
     for pgm in sorted((CASTEL / "castel").glob("image_*.pgm"))[::STEP]:
         Image.open(pgm).save(images / f"{pgm.stem}.jpg", quality=95)
+    return images
+
+
+@pytest.fixture(scope="module")
+def castel(castel_photos: Path) -> tuple[Path, dict[str, StageResult]]:
+    """A workspace where every stage has run on the photos at quality "low"."""
+    images = castel_photos
+    root = images.parent
     workspace = root / "workspace"
     spec = JobSpec(project="castel", images=images, quality="low", job_id="real")
     results = {}
@@ -215,3 +222,31 @@ def test_glb_from_real_photos_loads_with_its_texture(
     assert mesh.visual.uv.shape == (len(mesh.vertices), 2)
     texture = np.asarray(mesh.visual.material.baseColorTexture.convert("RGB"))
     assert texture.std() > 10  # the photos' colours, not one flat colour
+
+
+@pytest.mark.parametrize("guided_cheap", [None, 0])
+def test_medium_places_every_photo_with_the_calibrated_focal_length(
+    castel_photos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    guided_cheap: int | None,
+) -> None:
+    """The default preset ("medium": guided matching only where it pays) places every
+    photo too, with the calibrated focal length. The castel photos have ~1,700 keypoints
+    each, so all their pairs are cheap to match guided; with GUIDED_CHEAP at 0 they take
+    the path photos with many keypoints take (a plain pass, guided matching only on
+    weakly verified pairs), which must place every photo as well."""
+    from pipeline.stages import matching
+
+    if guided_cheap is not None:
+        monkeypatch.setattr(matching, "GUIDED_CHEAP", guided_cheap)
+    spec = JobSpec(project="castel", images=castel_photos, quality="medium", job_id="m")
+    results = {}
+    for name in ("ingest", "features", "matching", "mapping"):
+        ctx = StageContext(spec=spec, workspace=tmp_path / "ws", results_dir=tmp_path / "r")
+        results[name] = run_stage(name, ctx)
+    mapping = results["mapping"].metrics
+    assert mapping["registered"] == mapping["total"] == 15, mapping["unregistered"]
+    assert mapping["mean_reprojection_error"] < MAX_REPROJECTION_PX
+    focal = mapping["cameras"][0]["params"][0]
+    assert abs(focal / COLOUR_K[0, 0] - 1.0) < MAX_FOCAL_ERROR, focal

@@ -265,3 +265,67 @@ def test_vocabulary_tree_finds_the_neighbours_of_photos_in_no_order(
     chosen = [angle(a, b) for a, b in pairs]
     assert np.median(chosen) < 0.6 * np.median(every_pair), (chosen, np.median(every_pair))
     assert results["mapping"].metrics["registered"] == n
+
+
+def _inliers(db_path: Path) -> dict[tuple[str, str], int]:
+    db = pycolmap.Database.open(db_path)
+    try:
+        names = {image.image_id: image.name for image in db.read_all_images()}
+        pair_ids, geometries = db.read_two_view_geometries()
+    finally:
+        db.close()
+    counts = {}
+    for pair_id, geometry in zip(pair_ids, geometries, strict=True):
+        a, b = pycolmap.pair_id_to_image_pair(pair_id)
+        counts[tuple(sorted((names[a], names[b])))] = len(geometry.inlier_matches)
+    return counts
+
+
+@pytest.mark.parametrize("guided_below", [0, 10**6])
+@pytest.mark.parametrize("guided_cheap", [0, 10**12])
+def test_weak_pairs_are_matched_again_guided(
+    sparse_workspace: Sparse,
+    demo_scene: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    guided_below: int,
+    guided_cheap: int,
+) -> None:
+    """guided_matching "weak": pairs cheap to match guided (every pair when GUIDED_CHEAP
+    is huge) are matched guided at once; the others get a plain pass, then guided
+    matching again on those verified with fewer than GUIDED_BELOW inliers (none at 0;
+    every verified pair at a million). Guided matching keeps every pair verified and finds more
+    inliers in all (so the weak pairs were matched again, not skipped as already done)."""
+    source, results = sparse_workspace
+    plain = _inliers(source / "matching" / "database.db")  # quality "low": no guided pass
+    assert results["matching"].metrics["guided_pairs"] == 0
+    workspace = tmp_path / "ws"
+    for name in ("ingest", "features"):
+        shutil.copytree(source / name, workspace / name)
+    monkeypatch.setattr(matching, "GUIDED_BELOW", guided_below)
+    monkeypatch.setattr(matching, "GUIDED_CHEAP", guided_cheap)
+    spec = JobSpec(
+        project="demo",
+        images=demo_scene / "images",
+        quality="low",
+        options={"guided_matching": "weak"},
+    )
+    ctx = StageContext(spec=spec, workspace=workspace, results_dir=tmp_path / "results")
+    metrics = run_stage("matching", ctx).metrics
+    weak = _inliers(workspace / "matching" / "database.db")
+    verified = {pair for pair, n in plain.items() if n > 0}
+    assert metrics["guided_matching"] == "weak"
+    if guided_cheap:
+        assert metrics["guided_pairs"] == metrics["pairs"]
+    else:
+        assert metrics["guided_pairs"] == (len(verified) if guided_below else 0)
+    assert {pair for pair, n in weak.items() if n > 0} == verified
+    if guided_below or guided_cheap:
+        assert sum(weak.values()) > sum(plain.values())  # matched again, not skipped
+
+
+def test_guided_matching_choices_are_checked() -> None:
+    from pipeline.presets import OPTION_CHOICES, PRESETS
+
+    assert OPTION_CHOICES["guided_matching"] == ("off", "weak", "on")
+    assert {p.guided_matching for p in PRESETS.values()} <= set(OPTION_CHOICES["guided_matching"])
