@@ -236,3 +236,27 @@ def render_toml(values: dict[str, Any]) -> str:
             lines.append(f"\n[{key}]")
             lines.extend(f"{k} = {json.dumps(v)}" for k, v in value.items())
     return "\n".join(lines) + "\n"
+
+
+def write_request(inbox: Path, name: str, text: str, *, tag: str | None = None) -> Path:
+    """Write a request file atomically: a hidden temporary name, then a rename into the
+    inbox, so the daemon never reads half a file.
+
+    The file is `<name>.toml` (characters other than letters, digits, '-' and '_'
+    become '-'); with `tag`, `<name>-<tag>.toml`; without, an existing name gets
+    `-2`, `-3`, ... appended.
+    """
+    inbox.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name) or "request"
+    if tag is not None:
+        path = inbox / f"{safe}-{tag}.toml"
+    else:
+        path = inbox / f"{safe}.toml"
+        n = 1
+        while path.exists():
+            n += 1
+            path = inbox / f"{safe}-{n}.toml"
+    tmp = inbox / f".{path.name}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -10,6 +10,5 @@ from __future__ import annotations
 from daemon.cli import commands, doctor, submit, web  # noqa: F401  (register the commands)
 from daemon.cli.app import app, main
 from daemon.cli.render import job_progress
-from daemon.cli.submit import write_request
 
-__all__ = ["app", "job_progress", "main", "write_request"]
+__all__ = ["app", "job_progress", "main"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,7 +32,13 @@ def submit(
 
     Example: dropmesh submit photos/fountain --quality high -f glb -f obj
     """
-    from daemon.requests import RequestError, count_images, render_toml, resolve_images
+    from daemon.requests import (
+        RequestError,
+        count_images,
+        render_toml,
+        resolve_images,
+        write_request,
+    )
 
     cfg = load_config(ctx, home)
     try:
@@ -61,21 +66,6 @@ def submit(
     console.print(f"request written to {path}")
 
 
-def write_request(inbox: Path, name: str, text: str) -> Path:
-    """Write a request atomically (temp name, then rename into the inbox)."""
-    inbox.mkdir(parents=True, exist_ok=True)
-    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name) or "request"
-    path = inbox / f"{safe}.toml"
-    n = 1
-    while path.exists():
-        n += 1
-        path = inbox / f"{safe}-{n}.toml"
-    tmp = inbox / f".{path.name}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 @app.command()
 def demo(
     ctx: typer.Context,
@@ -91,7 +81,7 @@ def demo(
 
     Example: dropmesh demo --images 24 --quality low --variant hard
     """
-    from daemon.requests import render_toml
+    from daemon.requests import render_toml, write_request
     from pipeline.demo import VARIANTS, render_scene
 
     cfg = load_config(ctx, home)

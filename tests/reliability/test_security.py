@@ -89,7 +89,7 @@ def test_project_from_hostile_file_name(tmp_path: Path) -> None:
 def test_files_created_honour_umask(tmp_path: Path) -> None:
     """The request writer used by `dropmesh submit` creates files the umask allows
     (umask 077: nothing for group or others)."""
-    from daemon.cli import write_request
+    from daemon.requests import write_request
 
     old = os.umask(0o077)
     try:

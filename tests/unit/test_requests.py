@@ -138,3 +138,17 @@ def test_unparsable_request_has_its_own_type(root: Path, name: str, text: str) -
     with pytest.raises(RequestError) as info:
         parse(write(root, 'images = "../photos/nope"\n'), allowed_roots=[root])
     assert not isinstance(info.value, UnparsableRequest)
+
+
+def test_write_request_names_files_and_leaves_no_temporary(tmp_path: Path) -> None:
+    from daemon.requests import write_request
+
+    inbox = tmp_path / "inbox"  # created on demand
+    first = write_request(inbox, "my fountain!", "images = 'a'\n")
+    second = write_request(inbox, "my fountain!", "images = 'b'\n")
+    tagged = write_request(inbox, "upload", "images = 'c'\n", tag="0a1b2c3d")
+    assert [first.name, second.name] == ["my-fountain-.toml", "my-fountain--2.toml"]
+    assert tagged.name == "upload-0a1b2c3d.toml"
+    assert first.read_text() == "images = 'a'\n" and second.read_text() == "images = 'b'\n"
+    assert sorted(p.name for p in inbox.iterdir()) == sorted([first.name, second.name, tagged.name])
+    assert write_request(inbox, "", "x = 1\n").name == "request.toml"
