@@ -204,13 +204,19 @@ class Intake:
             while dst.exists():
                 n += 1
                 dst = rejected / f"{path.stem}.{stamp}-{n}{path.suffix}"
-        if not move(path, dst):
-            return  # another daemon watching this inbox handled it
-        (rejected / f"{dst.name}.error.txt").write_text(
+        # The reason first, complete (temporary name, then rename), so that whoever finds
+        # the request gone from the inbox (the dashboard, a script) also finds why.
+        reason = rejected / f"{dst.name}.error.txt"
+        tmp = rejected / f".{reason.name}.tmp"
+        tmp.write_text(
             f"{requests.display_name(path)} was not accepted:\n{message}\n\n"
             "Fix the request and drop it into the inbox again.\n",
             encoding="utf-8",
         )
+        os.replace(tmp, reason)
+        if not move(path, dst):
+            reason.unlink(missing_ok=True)
+            return  # another daemon watching this inbox handled it
         self.ledger.reject(requests.display_name(path), message, notify=not duplicate)
         log.warning("rejected %s: %s", requests.display_name(path), message)
 
