@@ -296,6 +296,11 @@ def castel_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pa
     sparse stages on all frames, which places the left-out ones)."""
     import os
 
+    if not os.environ.get("DROPMESH_CASTEL_TEXTURE"):
+        pytest.skip(
+            "the castel texture measurement takes about 8 minutes and its bar is not met yet "
+            "(see the xfail reason): run it with DROPMESH_CASTEL_TEXTURE=1"
+        )
     if not (CASTEL / "castel").is_dir():
         reason = f"{CASTEL} is missing: install Debian's visp-images-data (make test does)"
         if os.environ.get("DROPMESH_REQUIRE_REAL_PHOTOS"):
