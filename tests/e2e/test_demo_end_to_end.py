@@ -37,8 +37,9 @@ def test_demo_request_gives_glb_and_notification(
         assert glb.parent == home.results / "demo"
         mesh = trimesh.load(glb, force="mesh")
         assert len(mesh.faces) > 5000
-        colours = np.asarray(mesh.visual.vertex_colors)[:, :3]
-        assert colours.std() > 10  # real colours, not one flat fill
+        assert isinstance(mesh.visual, trimesh.visual.TextureVisuals)
+        texture = np.asarray(mesh.visual.material.baseColorTexture.convert("RGB"))
+        assert texture.std() > 10  # the photos' colours baked in, not one flat fill
 
         report = json.loads(next(glb.parent.glob("*_report.json")).read_text())
         assert report["device"] == expected_device

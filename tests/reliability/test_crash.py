@@ -7,6 +7,7 @@ import contextlib
 import json
 import random
 import signal
+import sqlite3
 import time
 from collections import Counter
 from typing import Any
@@ -161,8 +162,7 @@ def test_cancel_then_kill_before_daemon_acts(home: Home) -> None:
     home.start()
     home.drop("stopme")
     wait_for(lambda: (home.job("stopme") or {}).get("stage") == "features")
-    assert home.proc is not None
-    home.proc.send_signal(signal.SIGSTOP)
+    _freeze_outside_a_write(home)
     try:
         assert "cancelling" in home.cli("cancel", "stopme").stdout
     finally:
@@ -172,6 +172,24 @@ def test_cancel_then_kill_before_daemon_acts(home: Home) -> None:
     home.drop("next")
     home.wait_state("next", "succeeded")
     _no_orphans(home)
+
+
+def _freeze_outside_a_write(home: Home) -> None:
+    """SIGSTOP the daemon at a moment it holds no write lock on the ledger. Frozen inside
+    a write (a progress update, more likely on a loaded machine) it would block every
+    other writer, the CLI too, which is the frozen-disk case, not this test's."""
+    assert home.proc is not None
+    for _ in range(50):
+        home.proc.send_signal(signal.SIGSTOP)
+        try:
+            with contextlib.closing(sqlite3.connect(home.root / "jobs.db", timeout=0.5)) as db:
+                db.execute("BEGIN IMMEDIATE")
+                db.rollback()
+            return
+        except sqlite3.OperationalError:
+            home.proc.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+    raise AssertionError("the daemon held the ledger's write lock at every try")
 
 
 @pytest.mark.slow
