@@ -164,7 +164,7 @@ def _viewpoint(
         if images:
             direction = np.asarray(images[0].projection_center()) - centre
             up = np.mean([im.cam_from_world().rotation.matrix()[1] for im in images], axis=0)
-    except Exception:  # noqa: BLE001 - a preview must never fail the export
+    except Exception:  # a preview must never fail the export
         pass
     direction = direction / max(float(np.linalg.norm(direction)), 1e-12)
     up = up - direction * (up @ direction)
@@ -227,7 +227,7 @@ def _preview_view(workspace: Path, vertices: np.ndarray) -> texturing.View | Non
     """The registered photo that shows most of the mesh (most vertices inside it)."""
     try:
         views = texturing.load_views(workspace / "undistort")
-    except Exception:  # noqa: BLE001 - a preview must never fail the export
+    except Exception:  # a preview must never fail the export
         return None
     best, best_n = None, -1
     sample = vertices[:: max(1, len(vertices) // 20000)]
@@ -304,7 +304,7 @@ def build_report(ctx: StageContext, mesh: trimesh.Trimesh, exports: list[Export]
             "mean_reprojection_error_px": round(float(rec.compute_mean_reprojection_error()), 4),
             "mean_track_length": round(float(rec.compute_mean_track_length()), 3),
         }
-    except Exception as exc:  # noqa: BLE001 - a report lists what it can
+    except Exception as exc:  # a report lists what it can
         sparse = {"error": str(exc)}
     images_total = None
     ingest = stages.get("ingest", {})
