@@ -9,9 +9,10 @@ APT_PACKAGES := libusb-1.0-0 libgl1 libegl1 libx11-6 libudev1 libgomp1 dbus dbus
 # temporary folder by the tests themselves); ViSP's image data, whose "castel" sequence of
 # real photos with a registered depth sensor tests/pipeline/test_real_photos.py reconstructs;
 # Chromium (with its fonts), which Playwright drives for the dashboard's browser tests;
-# nodejs/npm run the Khronos glTF validator (npm gltf-validator, installed into .tools/),
-# which checks every GLB the texture tests export.
-TEST_APT_PACKAGES := postgresql visp-images-data chromium fonts-dejavu-core nodejs npm
+# The Khronos glTF validator (npm gltf-validator, installed into .tools/) checks every GLB
+# the texture tests export; it needs node and npm (Debian's nodejs and npm where no node
+# with its own npm is installed already).
+TEST_APT_PACKAGES := postgresql visp-images-data chromium fonts-dejavu-core
 GLTF_VALIDATOR := .tools/node_modules/gltf-validator/package.json
 # Only for `make bench`: COLMAP's own command line, the baseline the benchmarks compare to.
 BENCH_APT_PACKAGES := colmap
@@ -47,6 +48,7 @@ bench: sysdeps venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 $(GLTF_VALIDATOR):
+	@command -v npm >/dev/null 2>&1 || $(MAKE) --no-print-directory sysdeps APT_PACKAGES="nodejs npm"
 	npm install --silent --no-audit --no-fund --prefix .tools gltf-validator
 
 demo: venv
