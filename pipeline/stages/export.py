@@ -37,7 +37,13 @@ from pipeline.context import FORMATS, Export, StageContext, StageResult
 from pipeline.errors import PermanentError
 from pipeline.stages import STAGES
 from pipeline.stages import texture as texturing
-from pipeline.stages._common import COLOURED_MESH, TEXTURED_MESH, Timer, require
+from pipeline.stages._common import (
+    COLOURED_MESH,
+    TEXTURED_MESH,
+    UNDISTORT_MODEL,
+    Timer,
+    require,
+)
 from pipeline.stages._workspace import building, publish_bytes, read_metrics, record
 
 STAGE = "export"
@@ -77,6 +83,13 @@ class Textured:
         Image.fromarray(self.texture).save(buf, format="JPEG", quality=JPEG_QUALITY)
         self.jpeg = buf.getvalue()
 
+    def rotated(self, rotation: np.ndarray) -> Textured:
+        """The same textured mesh with its vertices turned by `rotation` (3x3)."""
+        out = object.__new__(Textured)
+        out.__dict__.update(self.__dict__)
+        out.vertices = self.vertices @ rotation.T
+        return out
+
     def trimesh(self) -> trimesh.Trimesh:
         image = Image.open(io.BytesIO(self.jpeg))  # .format "JPEG": embedded as JPEG
         material = trimesh.visual.material.PBRMaterial(
@@ -89,6 +102,42 @@ class Textured:
         )
         visual = trimesh.visual.TextureVisuals(uv=self.uv, material=material)
         return trimesh.Trimesh(self.vertices, self.faces, visual=visual, process=False)
+
+
+def upright_rotation(workspace: Path) -> np.ndarray:
+    """The rotation (3x3) that turns the reconstruction upright for a viewer: glTF and most
+    viewers take +Y as up and look from +Z. Up is the mean of the cameras' up directions
+    (people hold cameras upright; COLMAP's camera y axis points down the image), and the
+    first photo's view direction, made level, becomes -Z, so a viewer opens on the object
+    from about where that photo was taken. The identity when no camera is known."""
+    try:
+        import pycolmap
+
+        rec = pycolmap.Reconstruction(str(workspace.joinpath(*UNDISTORT_MODEL)))
+        ids = sorted(rec.reg_image_ids(), key=lambda i: rec.images[i].name)
+        rots = [np.asarray(rec.images[i].cam_from_world().rotation.matrix()) for i in ids]
+    except Exception:  # no camera model: leave the frame as it is
+        return np.eye(3)
+    if not rots:
+        return np.eye(3)
+    up = -np.mean([r[1] for r in rots], axis=0)
+    if np.linalg.norm(up) < 1e-6:
+        return np.eye(3)
+    up /= np.linalg.norm(up)
+    y = np.array([0.0, 1.0, 0.0])
+    c = float(up @ y)
+    if c < -1 + 1e-9:  # upside down: half a turn about x
+        level = np.diag([1.0, -1.0, -1.0])
+    else:
+        v = np.cross(up, y)
+        vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+        level = np.eye(3) + vx + vx @ vx / (1 + c)
+    forward = level @ rots[0][2]  # the first camera's optical axis, in the levelled frame
+    heading = np.arctan2(forward[0], -forward[2]) if np.hypot(forward[0], forward[2]) > 1e-6 else 0
+    cos, sin = np.cos(heading), np.sin(heading)
+    yaw = np.array([[cos, 0.0, sin], [0.0, 1.0, 0.0], [-sin, 0.0, cos]])
+    rotation: np.ndarray = yaw @ level
+    return rotation
 
 
 def glb_with_unlit(data: bytes) -> bytes:
@@ -359,6 +408,13 @@ def run(ctx: StageContext) -> StageResult:
         )
     mesh = load_coloured_mesh(coloured)
     tex = Textured(textured_dir)
+    # the files are written upright; the preview below renders from the photos' own frame
+    rotation = upright_rotation(ctx.workspace)
+    to_upright = np.eye(4)
+    to_upright[:3, :3] = rotation
+    upright_tex = tex.rotated(rotation)
+    upright_mesh = mesh.copy()
+    upright_mesh.apply_transform(to_upright)
     ctx.results_dir.mkdir(parents=True, exist_ok=True)
     exports: list[Export] = []
     extra: list[Path] = []
@@ -369,17 +425,19 @@ def run(ctx: StageContext) -> StageResult:
         path = mesh_name(ctx, fmt)
         if fmt == "glb":
             data = glb_with_unlit(
-                bytes(trimesh.exchange.gltf.export_glb(tex.trimesh(), include_normals=False))
+                bytes(
+                    trimesh.exchange.gltf.export_glb(upright_tex.trimesh(), include_normals=False)
+                )
             )
         elif fmt == "obj":
             # the image and the material first, so the OBJ never names a missing file
-            obj, mtl = encode_obj(tex, path.stem)
+            obj, mtl = encode_obj(upright_tex, path.stem)
             for companion, content in ((".jpg", tex.jpeg), (".mtl", mtl)):
                 publish_bytes(path.with_suffix(companion), content)
                 extra.append(path.with_suffix(companion))
             data = obj
         else:
-            data = encode(mesh, fmt)
+            data = encode(upright_mesh, fmt)
         publish_bytes(path, data)
         exports.append(Export.of_bytes(path, fmt, data))
     ctx.check_cancelled()
@@ -401,6 +459,8 @@ def run(ctx: StageContext) -> StageResult:
         "faces": len(tex.faces),
     }
     report["companion_files"] = [p.name for p in extra]
+    # exported point = rotation @ reconstruction point (the photos' cameras are in the latter)
+    report["upright_rotation"] = np.round(rotation, 9).tolist()
     report["timings_s"][STAGE] = timer.seconds
     report_json = (json.dumps(report, indent=1) + "\n").encode()
     publish_bytes(report_path, report_json)
