@@ -77,6 +77,13 @@ def doctor(ctx: typer.Context, home: HomeOpt = None) -> None:
             ok_all = False
         console.print(f"{mark[ok]:>18}  {what}: {detail}")
 
+    line(
+        cfg.home.is_dir() or None,
+        "home",
+        f"{cfg.home}"
+        if cfg.home.is_dir()
+        else f"{cfg.home} does not exist yet (`dropmesh run` creates it)",
+    )
     clashes = import_name_clashes()
     line(
         not clashes,
@@ -109,7 +116,8 @@ def doctor(ctx: typer.Context, home: HomeOpt = None) -> None:
 
     unit_ok, unit_detail = unit_check(cfg)
     line(unit_ok, "service", unit_detail)
-    target = cfg.results if cfg.results.exists() else cfg.home
+    # the disk the results will go to: the nearest folder that exists on their way
+    target = next(p for p in (cfg.results, *cfg.results.parents) if p.exists())
     free = shutil.disk_usage(target).free / 1e9
     line(free > 5 or None, "disk", f"{free:.1f} GB free at {target}")
     raise typer.Exit(0 if ok_all else 1)

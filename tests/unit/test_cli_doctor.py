@@ -30,3 +30,15 @@ def test_another_distribution_with_the_same_name_is_reported() -> None:
 def test_a_name_that_cannot_be_imported_is_reported() -> None:
     (problem,) = import_name_clashes(("no_such_module_dropmesh",))
     assert "cannot be imported" in problem
+
+
+def test_doctor_on_a_home_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from daemon.cli import app
+
+    home = tmp_path / "not" / "yet"
+    res = CliRunner().invoke(app, ["--home", str(home), "doctor"])
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.output
+    assert f"home: {home} does not exist yet" in " ".join(res.output.split())
+    assert "GB free at" in res.output
