@@ -41,8 +41,11 @@ def test_shell_completion_is_available(home: Home, shell: str) -> None:
     exe = Path(sys.executable).with_name("dropmesh")
     if not exe.exists():
         pytest.skip("the dropmesh script is not installed in this environment")
+    # Typer otherwise guesses the shell from the parent process (under make: sh, which it
+    # has no script for) and takes no shell name; this switch makes it take the name.
+    env = {**home.env, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     res = subprocess.run(
-        [str(exe), "--show-completion", shell], capture_output=True, text=True, env=home.env
+        [str(exe), "--show-completion", shell], capture_output=True, text=True, env=env
     )
     assert res.returncode == 0, res.stderr
     assert "_DROPMESH_COMPLETE" in res.stdout and "dropmesh" in res.stdout
