@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import summary, write_results
+from bench.common import seed_ledger, summary, write_results
 from tests.daemon_harness import Home, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,55 +56,9 @@ def bench_pickup(root: Path, drops: int) -> dict[str, Any]:
 
 
 def bench_status(root: Path, jobs: int) -> dict[str, Any]:
-    from daemon.ledger import Ledger
-    from daemon.models import Job, Stage
-    from pipeline import STAGES
-
     home = Home(root / "status")
     db = home.root / "jobs.db"
-    ledger = Ledger.open(f"sqlite:///{db}", create=True)
-    now = time.time()
-    states = ["succeeded"] * 8 + ["failed", "cancelled"]
-    with ledger.write() as s:
-        s.execute(
-            Job.__table__.insert(),  # type: ignore[attr-defined]
-            [
-                {
-                    "id": f"{i:08x}",
-                    "project": f"project{i % 500}",
-                    "spec": {"project": f"project{i % 500}"},
-                    "request_hash": f"{i:064x}",
-                    "request_name": f"r{i}.toml",
-                    "state": states[i % len(states)],
-                    "priority": 0,
-                    "attempts": 1,
-                    "max_attempts": 3,
-                    "cancel_requested": False,
-                    "created_at": now - i,
-                    "updated_at": now - i,
-                    "finished_at": now - i + 1,
-                }
-                for i in range(jobs)
-            ],
-        )
-        s.execute(
-            Stage.__table__.insert(),  # type: ignore[attr-defined]
-            [
-                {
-                    "job_id": f"{i:08x}",
-                    "name": n,
-                    "seq": k,
-                    "state": "done",
-                    "progress": 1.0,
-                    "message": "done",
-                    "attempt": 1,
-                    "metrics": {},
-                }
-                for i in range(jobs)
-                for k, n in enumerate(STAGES)
-            ],
-        )
-    ledger.close()
+    seed_ledger(db, jobs, projects=500, states=["succeeded"] * 8 + ["failed", "cancelled"])
     out: dict[str, Any] = {"jobs": jobs}
     for label, args in (("status", ["status"]), ("status_json_all", ["status", "--json"])):
         times = []

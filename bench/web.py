@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import summary, write_results
+from bench.common import seed_ledger, summary, write_results
 from tests.daemon_harness import Home, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,54 +56,14 @@ def _serve(home: Home) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def _seed(home: Home, n: int) -> None:
-    from daemon.ledger import Ledger
-    from daemon.models import Job, Stage
-    from pipeline import STAGES
-
-    ledger = Ledger.open(f"sqlite:///{home.root / 'jobs.db'}", create=True)
-    now = time.time()
-    states = ["succeeded"] * 7 + ["failed", "cancelled", "queued"]
-    with ledger.write() as s:
-        s.execute(
-            Job.__table__.insert(),  # type: ignore[attr-defined]
-            [
-                {
-                    "id": f"{i:08x}",
-                    "project": f"project{i % 200}",
-                    "spec": {"formats": ["glb"]},
-                    "request_hash": f"{i:064x}",
-                    "request_name": f"r{i}.toml",
-                    "state": states[i % len(states)],
-                    "priority": 0,
-                    "attempts": 1,
-                    "max_attempts": 3,
-                    "cancel_requested": False,
-                    "created_at": now - 86400 - i,
-                    "updated_at": now - 86400 - i,
-                    "finished_at": now - 86400 - i + 1,
-                    "error": "stage mapping: too few photos registered" if i % 10 == 7 else None,
-                }
-                for i in range(n)
-            ],
-        )
-        s.execute(
-            Stage.__table__.insert(),  # type: ignore[attr-defined]
-            [
-                {
-                    "job_id": f"{i:08x}",
-                    "name": name,
-                    "seq": k,
-                    "state": "done",
-                    "progress": 1.0,
-                    "message": "done",
-                    "attempt": 1,
-                    "metrics": {},
-                }
-                for i in range(n)
-                for k, name in enumerate(STAGES)
-            ],
-        )
-    ledger.close()
+    seed_ledger(
+        home.root / "jobs.db",
+        n,
+        projects=200,
+        states=["succeeded"] * 7 + ["failed", "cancelled", "queued"],
+        age_s=86400,
+        error="stage mapping: too few photos registered",
+    )
 
 
 def bench_pages(url: str, runs: int) -> dict[str, Any]:
