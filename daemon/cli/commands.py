@@ -27,6 +27,11 @@ from daemon.cli.app import (
 from daemon.states import ACTIVE, TERMINAL, JobState
 from pipeline import FORMATS, STAGES
 
+# A job named on the command line: an id, a unique id prefix or a project.
+JobArg = Annotated[
+    str, typer.Argument(help="Job id, id prefix or project.", autocompletion=complete_job)
+]
+
 
 @app.command()
 def run(
@@ -133,9 +138,7 @@ def status(
 @app.command()
 def cancel(
     ctx: typer.Context,
-    job: Annotated[
-        str, typer.Argument(help="Job id, id prefix or project.", autocompletion=complete_job)
-    ],
+    job: JobArg,
     home: HomeOpt = None,
 ) -> None:
     """Cancel a queued or running job (the daemon stops a running stage within a second).
@@ -156,9 +159,7 @@ def cancel(
 @app.command()
 def retry(
     ctx: typer.Context,
-    job: Annotated[
-        str, typer.Argument(help="Job id, id prefix or project.", autocompletion=complete_job)
-    ],
+    job: JobArg,
     home: HomeOpt = None,
     from_stage: Annotated[
         str | None,
@@ -220,9 +221,7 @@ def exports(
 @app.command()
 def logs(
     ctx: typer.Context,
-    job: Annotated[
-        str, typer.Argument(help="Job id, id prefix or project.", autocompletion=complete_job)
-    ],
+    job: JobArg,
     home: HomeOpt = None,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
