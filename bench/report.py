@@ -310,6 +310,12 @@ def service_section(d: dict[str, Any]) -> str:
         [f"status, {s['jobs']} jobs", s["status"]["p50"], s["status"]["p95"],
          f"< {s['target_s']}"],
         ["status --json", s["status_json_all"]["p50"], s["status_json_all"]["p95"], ""],
+        *(
+            [["status --all", s["status_all"]["p50"], s["status_all"]["p95"], ""],
+             ["start-up + imports (every command)", s["startup_floor"]["p50"],
+              s["startup_floor"]["p95"], ""]]
+            if "status_all" in s else []
+        ),
         ["cancel", c["p50"], c["p95"], f"p95 < {d['cancel']['target_p95_s']}"],
     ]  # fmt: skip
     return (

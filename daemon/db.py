@@ -6,10 +6,12 @@ row locks (SELECT ... FOR UPDATE SKIP LOCKED for claims) and guarded updates.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import DatabaseError, OperationalError, ProgrammingError
 
@@ -97,10 +99,21 @@ def sqlite_file(url: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
+def json_loads(text: str | bytes) -> Any:
+    """The JSON columns as read back: orjson (about 4 times faster than json, which
+    counts when a listing decodes the metrics of 100,000 stages), and json for what
+    orjson refuses (NaN and Infinity, which json writes)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
+            json_deserializer=json_loads,
             connect_args={
                 "timeout": BUSY_TIMEOUT_MS / 1000,
                 "isolation_level": None,
@@ -111,13 +124,18 @@ def make_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql"):
         try:
-            return create_engine(url, pool_pre_ping=True, isolation_level="READ COMMITTED")
+            return create_engine(
+                url,
+                pool_pre_ping=True,
+                isolation_level="READ COMMITTED",
+                json_deserializer=json_loads,
+            )
         except ModuleNotFoundError as exc:
             raise LedgerError(
                 f"a PostgreSQL ledger needs the psycopg driver ({exc}): "
                 "pip install 'dropmesh[postgres]'"
             ) from exc
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, json_deserializer=json_loads)
 
 
 def is_sqlite(engine: Engine) -> bool:

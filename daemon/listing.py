@@ -16,6 +16,9 @@ from sqlalchemy import Connection, Engine, select
 from daemon import db
 from daemon.schema import exports, jobs, stages
 
+# what daemon.progress.job_progress reads of a stage row
+BRIEF_STAGE_COLUMNS = ("job_id", "name", "state", "progress")
+
 
 class Listing:
     def __init__(self, engine: Engine) -> None:
@@ -46,13 +49,18 @@ class Listing:
         with self.read_rows() as conn:
             return list(conn.execute(q).all())
 
-    def stages_for(self, job_ids: Sequence[str], *, every: bool = False) -> dict[str, list[Any]]:
+    def stages_for(
+        self, job_ids: Sequence[str], *, every: bool = False, brief: bool = False
+    ) -> dict[str, list[Any]]:
         """Stage rows (read-only, attribute access like Stage) per job; with every=True
-        all jobs' stages in one scan, for listings of the whole ledger."""
+        all jobs' stages in one scan, for listings of the whole ledger. brief=True reads
+        only what a job's progress needs (BRIEF_STAGE_COLUMNS), not the metrics: decoding
+        those is most of the cost of listing a big ledger."""
         out: dict[str, list[Any]] = {j: [] for j in job_ids}
         if not job_ids:
             return out
-        q = select(*stages.c).order_by(stages.c.job_id, stages.c.seq)
+        columns = [stages.c[c] for c in BRIEF_STAGE_COLUMNS] if brief else list(stages.c)
+        q = select(*columns).order_by(stages.c.job_id, stages.c.seq)
         if not every:
             q = q.where(stages.c.job_id.in_(list(job_ids)))
         with self.read_rows() as conn:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -67,9 +66,13 @@ def run(
 Snapshot = tuple[list[Any], dict[str, list[Any]], dict[str, list[str]]]
 
 
-def read_jobs(listing: Any, ledger: Any, ref: str | None, *, every: bool) -> Snapshot:
+def read_jobs(
+    listing: Any, ledger: Any, ref: str | None, *, every: bool, brief: bool = False
+) -> Snapshot:
     """The jobs `status` shows, with their stages and export paths: those `ref` names;
-    else every job (`every`); else the active ones and the ten most recent finished."""
+    else every job (`every`); else the active ones and the ten most recent finished.
+    brief: only what the listing shows (the stages' progress, see Listing.stages_for; no
+    exports)."""
     if ledger is not None and ref:
         jobs = resolve(ledger, ref)
     elif every:
@@ -79,8 +82,8 @@ def read_jobs(listing: Any, ledger: Any, ref: str | None, *, every: bool) -> Sna
         recent = listing.list_jobs(states=[s.value for s in TERMINAL], limit=10)
         jobs = active + recent
     ids = [j.id for j in jobs]
-    stages = listing.stages_for(ids, every=len(ids) > 500)
-    exports = listing.export_paths(ids, every=len(ids) >= 500)
+    stages = listing.stages_for(ids, every=len(ids) > 500, brief=brief)
+    exports = {} if brief else listing.export_paths(ids, every=len(ids) >= 500)
     return jobs, stages, exports
 
 
@@ -105,24 +108,24 @@ def status(
     ledger = open_ledger(cfg) if job else None
     listing = ledger if ledger is not None else open_listing(cfg)
 
-    def snapshot() -> Snapshot:
-        return read_jobs(listing, ledger, job, every=as_json or show_all)
+    def snapshot(brief: bool = False) -> Snapshot:
+        return read_jobs(listing, ledger, job, every=as_json or show_all, brief=brief)
 
     def view() -> Any:
-        jobs, stages, exports = snapshot()
+        jobs, stages, exports = snapshot(brief=not job)
         if job and len(jobs) == 1:
             return render.job_detail(jobs[0], stages[jobs[0].id], exports[jobs[0].id])
         if not jobs:
             return "no jobs yet: drop a request into the inbox or run `dropmesh submit`"
-        return render.jobs_table(jobs, stages)
+        return render.jobs_listing(jobs, stages)
 
     if as_json:
         jobs, stages, exports = snapshot()
         out = [render.job_json(j, stages[j.id], exports[j.id]) for j in jobs]
-        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+        sys.stdout.write(render.json_text(out))
         return
     if not watch:
-        console.print(view())
+        console.print(view(), soft_wrap=True)
         return
     from rich.live import Live
 
@@ -210,7 +213,7 @@ def exports(
     ledger = open_ledger(cfg)
     items = render.export_items(ledger.exports(project))
     if as_json:
-        sys.stdout.write(json.dumps(items, indent=2) + "\n")
+        sys.stdout.write(render.json_text(items))
         return
     if not items:
         console.print("no exports yet")
@@ -321,7 +324,7 @@ def workers(
             continue
         items.append(render.worker_item(w, live, age, running.get(w.id, [])))
     if as_json:
-        sys.stdout.write(json.dumps(items, indent=2) + "\n")
+        sys.stdout.write(render.json_text(items))
         return
     if not items:
         console.print("no live daemons" + ("" if show_all else " (--all shows stale ones)"))

@@ -11,11 +11,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+from rich.cells import cell_len
 from rich.table import Table
+from rich.text import Text
 
 from daemon.humanize import clock
 from daemon.progress import iso, job_progress, seconds_left
 from daemon.states import JobState, StageState
+
+
+def json_text(items: Any) -> str:
+    """What the `--json` options print: indented, as json.dumps(indent=2) would, but some
+    20 times faster (`status --json` on 10,000 jobs writes 30 MB)."""
+    return orjson.dumps(items, option=orjson.OPT_INDENT_2).decode() + "\n"
 
 
 def job_json(job: Any, stages: list[Any], exports: list[str]) -> dict[str, Any]:
@@ -77,31 +86,54 @@ def eta(job: Any, progress: float, now: float | None = None) -> str:
     return "-" if left is None else clock(left)
 
 
-def jobs_table(jobs: list[Any], stages: dict[str, list[Any]]) -> Table:
-    t = Table(title=None, expand=False)
-    for col in ("job", "project", "state", "stage", "progress", "elapsed", "eta", "note"):
-        t.add_column(col, no_wrap=col != "note", overflow="fold")
-    for job in jobs:
-        p = job_progress(job, stages.get(job.id, []))
-        end = job.finished_at or time.time()
-        elapsed = end - job.started_at if job.started_at else None
-        note = job.error or ""
-        if job.state == JobState.WAITING.value and job.next_attempt_at:
-            note = f"retry in {max(0, int(job.next_attempt_at - time.time()))} s; {note}"
-        if job.cancel_requested and job.state == JobState.RUNNING.value:
-            note = "cancelling"
-        style = STATE_STYLE.get(job.state, "")
-        t.add_row(
-            job.id,
-            job.project,
-            f"[{style}]{job.state}[/{style}]",
-            job.stage or "-",
-            f"{bar(p, 12)} {p * 100:5.1f}%",
-            clock(elapsed),
-            eta(job, p),
-            note,
-        )
-    return t
+LISTING_COLUMNS = ("job", "project", "state", "stage", "progress", "elapsed", "eta", "note")
+
+
+def job_row(job: Any, stages: list[Any], now: float) -> tuple[str, ...]:
+    """One job's cells in the listing, in LISTING_COLUMNS order."""
+    p = job_progress(job, stages)
+    end = job.finished_at or now
+    elapsed = end - job.started_at if job.started_at else None
+    note = job.error or ""
+    if job.state == JobState.WAITING.value and job.next_attempt_at:
+        note = f"retry in {max(0, int(job.next_attempt_at - now))} s; {note}"
+    if job.cancel_requested and job.state == JobState.RUNNING.value:
+        note = "cancelling"
+    return (
+        job.id,
+        job.project,
+        job.state,
+        job.stage or "-",
+        f"{bar(p, 12)} {p * 100:5.1f}%",
+        clock(elapsed),
+        eta(job, p, now),
+        " ".join(note.split()),  # one line per job, whatever the error text holds
+    )
+
+
+def jobs_listing(jobs: list[Any], stages: dict[str, list[Any]]) -> Text:
+    """The jobs as aligned columns, one line each, the state in its colour, as `docker ps`
+    or `kubectl get` print them. (A rich Table measures and wraps every cell, about 0.5 ms
+    a row: 5 s for `status --all` on 10,000 jobs.) Print it with soft_wrap=True: a line
+    wider than the terminal wraps there rather than being measured and cut here."""
+    now = time.time()
+    rows = [LISTING_COLUMNS, *(job_row(job, stages.get(job.id, []), now) for job in jobs)]
+    lengths = [[cell_len(cell) for cell in row] for row in rows]
+    widths = [max(column) + 2 for column in zip(*lengths, strict=True)]
+    state = LISTING_COLUMNS.index("state")
+    out = Text(no_wrap=True, overflow="ignore")
+    for n, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+        last = max(i for i, cell in enumerate(row) if cell)  # no trailing blanks
+        cells = [
+            cell if i == last else cell + " " * (widths[i] - length[i])
+            for i, cell in enumerate(row[: last + 1])
+        ]
+        header = "bold" if n == 0 else ""
+        out.append("".join(cells[:state]), style=header)
+        out.append(cells[state], style=header or STATE_STYLE.get(row[state], ""))
+        out.append("".join(cells[state + 1 :]) + "\n", style=header)
+    out.rstrip()
+    return out
 
 
 def job_detail(job: Any, stages: list[Any], exports: list[str]) -> Table:

@@ -411,3 +411,15 @@ def test_each_notification_is_delivered_by_one_daemon(ledger: Ledger, ledger_url
         p.join()
     assert len(sent) == 30 and len(set(sent)) == 30
     assert ledger.pending_notifications() == []
+
+
+def test_stage_metrics_read_back_as_written(ledger: Ledger) -> None:
+    job_id = make(ledger)
+    ledger.claim_next("w")
+    metrics = {"registered": 15, "cameras": [{"model": "SIMPLE_RADIAL", "params": [575.6, 0.1]}]}
+    ledger.stage_started(job_id, "ingest", pid=1, attempt=1)
+    ledger.stage_finished(job_id, "ingest", metrics=metrics, device="cpu", peak_rss_mb=None)
+    (ingest,) = [s for s in ledger.stages_for([job_id])[job_id] if s.name == "ingest"]
+    assert ingest.metrics == metrics
+    (brief,) = [s for s in ledger.stages_for([job_id], brief=True)[job_id] if s.name == "ingest"]
+    assert (brief.state, brief.progress) == ("done", 1.0)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from daemon.cli import render
 from daemon.cli.render import bar, eta, job_json, job_progress
 from pipeline.stages import STAGE_WEIGHTS, STAGES
 
@@ -139,3 +141,29 @@ def test_bar_fills_in_proportion() -> None:
     assert bar(0.0, 10) == "░" * 10
     assert bar(1.0, 10) == "█" * 10
     assert bar(0.5, 10) == "█" * 5 + "░" * 5
+
+
+def test_the_listing_is_aligned_one_line_per_job_with_no_trailing_blanks() -> None:
+    jobs = [
+        job("running", id="a1", project="short", stage="features", started_at=100.0),
+        job("failed", id="b2", project="a-much-longer-project", error="disk full\nat export"),
+        job("succeeded", id="c3", project="p"),
+    ]
+    stages = {"a1": all_stages(done=1, running=0.5), "b2": all_stages(done=3)}
+    text = render.jobs_listing(jobs, stages)
+    lines = text.plain.split("\n")
+    assert len(lines) == 4  # the header and one line per job, the error's newline folded
+    assert lines[0].split() == list(render.LISTING_COLUMNS)
+    state_at = lines[0].index("state")
+    assert [line[state_at:].split()[0] for line in lines[1:]] == ["running", "failed", "succeeded"]
+    assert lines[2].endswith("disk full at export")
+    assert all(line == line.rstrip() for line in lines)
+    # every state is shown in its colour
+    styles = {text.plain[span.start : span.end].strip(): span.style for span in text.spans}
+    assert styles["failed"] == render.STATE_STYLE["failed"]
+    assert styles["running"] == render.STATE_STYLE["running"]
+
+
+def test_json_text_is_the_indented_json_of_the_items() -> None:
+    items = [{"id": "j1", "stages": [{"metrics": {"psnr": 29.9, "n": [1, 2]}}], "error": None}]
+    assert render.json_text(items) == json.dumps(items, indent=2) + "\n"

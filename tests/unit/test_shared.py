@@ -64,3 +64,15 @@ def test_request_key_is_the_file_as_dropped() -> None:
     a = request_key("h", "a.toml", 1, 10)
     assert a == request_key("h", "a.toml", 1, 10)
     assert a != request_key("h", "a.toml", 2, 10) != request_key("h", "b.toml", 1, 10)
+
+
+def test_json_columns_read_back_what_json_wrote() -> None:
+    """The ledger's JSON columns are read with orjson, and with json for the NaN and
+    Infinity json writes and orjson refuses."""
+    import json
+    import math
+
+    metrics = {"psnr": 29.9, "cameras": [{"params": [575.6, 320.0]}], "name": "é"}
+    assert db.json_loads(json.dumps(metrics)) == metrics
+    odd = db.json_loads(json.dumps({"ratio": float("nan"), "gain": float("inf")}))
+    assert math.isnan(odd["ratio"]) and odd["gain"] == math.inf
