@@ -18,6 +18,7 @@ from daemon.ledger import ExportRecord, Fenced, Ledger
 from daemon.stageproc import Done, Outcome, OutcomeKind, StageProcess, StageTask, classify
 from daemon.states import JobState, StageState
 from pipeline import STAGES
+from pipeline.devices import available_cores
 from pipeline.stages import GPU_STAGES, remove_stage_outputs
 
 log = logging.getLogger("dropmesh")
@@ -273,7 +274,7 @@ class Scheduler:
             workspace=str(ws),
             results_dir=str(self.cfg.results / run.project),
             device=self.stage_device(),
-            threads=self.cfg.threads,
+            threads=self.stage_threads(),
             log_path=str(self.joblog.path(run.job_id)),
             runner=self.runner,
         )
@@ -287,8 +288,18 @@ class Scheduler:
             return
         run.progress_written_at = 0.0
         self.ledger.stage_started(run.job_id, stage, run.proc.pid, run.attempt, token=run.token)
-        self.joblog.write(run.job_id, f"stage {stage} started (pid {run.proc.pid})")
+        self.joblog.write(
+            run.job_id, f"stage {stage} started (pid {run.proc.pid}, {task.threads} threads)"
+        )
         log.info("job %s: stage %s started", run.job_id, stage)
+
+    def stage_threads(self) -> int:
+        """Threads for each stage: the configured `threads`, or else this machine's cores
+        shared evenly among the `max_jobs` jobs that may run at once, so that they never
+        oversubscribe it (with max_jobs = 1, every core)."""
+        if self.cfg.threads > 0:
+            return self.cfg.threads
+        return max(1, available_cores() // self.cfg.max_jobs)
 
     def _poll_child(self, run: Running) -> None:
         if run.proc is None:

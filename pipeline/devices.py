@@ -6,6 +6,7 @@ The one place that asks: stages, the daemon and the CLI all go through `cuda_sup
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -80,3 +81,12 @@ def pycolmap_build() -> str:
             "pip uninstall -y " + " ".join(d.split()[0] for d in found) + ", then install one"
         )
     return found[0]
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or
+    `taskset` may narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)

@@ -108,7 +108,7 @@ def _run_stage(stage: str, ctx: StageContext) -> StageResult:
         shutil.rmtree(out)
     os.replace(tmp, out)
     with open(ctx.workspace / "stage_times.log", "a") as f:
-        f.write(f"{stage} {started} {time.time()}\n")
+        f.write(f"{stage} {started} {time.time()} {ctx.threads}\n")  # threads: the daemon's
     if stage != "export":
         result = StageResult(metrics={"stage": stage, "tries": tries})
     else:

@@ -9,7 +9,6 @@ watches `ctx.cancelled()` and cancels the call through a `pycolmap.CancellationT
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.context import StageContext
-from pipeline.devices import cuda_support
+from pipeline.devices import available_cores, cuda_support
 from pipeline.errors import Cancelled, PermanentError
 from pipeline.presets import Preset, preset
 
@@ -70,13 +69,11 @@ def stage_preset(ctx: StageContext) -> Preset:
 
 
 def thread_count(ctx: StageContext) -> int:
-    """Threads a stage uses: ctx.threads, or else every core this process may run on."""
+    """Threads a stage uses: ctx.threads (the daemon shares the cores among the stages it
+    runs at once), or else every core this process may run on."""
     if ctx.threads and ctx.threads > 0:
         return ctx.threads
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    return available_cores()
 
 
 def choose_device(requested: str) -> str:

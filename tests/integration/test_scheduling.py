@@ -11,6 +11,7 @@ from daemon_harness import FAST_ENV, Home, wait_for
 from daemon import config
 from daemon.ledger import Ledger
 from daemon.service import Daemon
+from pipeline.devices import available_cores
 from pipeline.stages import GPU_STAGES
 
 
@@ -36,9 +37,10 @@ class _Recorder:
         self.calls.append("stop")
 
 
-def _intervals(home: Home, job_id: str) -> list[tuple[str, float, float]]:
+def _intervals(home: Home, job_id: str) -> list[tuple[str, float, float, int]]:
+    """(stage, started, ended, threads the daemon gave it) for each stage the job ran."""
     lines = (home.workspaces / job_id / "stage_times.log").read_text().splitlines()
-    return [(s, float(a), float(b)) for s, a, b in (line.split() for line in lines)]
+    return [(s, float(a), float(b), int(t)) for s, a, b, t in (line.split() for line in lines)]
 
 
 @pytest.mark.parametrize("gpus", [0, 1])
@@ -75,7 +77,7 @@ def test_two_jobs_share_one_gpu_slot(
         thread.join(15)
     assert companion.calls == ["start", "poll", "stop"]
 
-    def overlap(x: tuple[str, float, float], y: tuple[str, float, float]) -> bool:
+    def overlap(x: tuple[str, float, float, int], y: tuple[str, float, float, int]) -> bool:
         return x[1] < y[2] and y[1] < x[2]
 
     gpu_overlaps = [
@@ -86,5 +88,24 @@ def test_two_jobs_share_one_gpu_slot(
     ]
     any_overlap = any(overlap(x, y) for x in a for y in b)
     assert any_overlap, "two jobs with max_jobs = 2 should run at the same time"
+    # the cores are shared between the two jobs: no stage is given more than half of them,
+    # so two at once never oversubscribe the machine
+    assert {x[3] for x in a + b} == {max(1, available_cores() // 2)}
     if gpus:
         assert gpu_overlaps == []
+
+
+@pytest.mark.parametrize(
+    ("threads", "max_jobs", "expected"),
+    [(0, 1, available_cores()), (0, 2, max(1, available_cores() // 2)), (3, 2, 3), (0, 64, 1)],
+)
+def test_stage_threads_share_the_cores_among_the_jobs(
+    threads: int, max_jobs: int, expected: int
+) -> None:
+    """`threads` as configured, else the cores divided among max_jobs (at least one)."""
+    from types import SimpleNamespace
+
+    from daemon.scheduler import Scheduler
+
+    sched = SimpleNamespace(cfg=SimpleNamespace(threads=threads, max_jobs=max_jobs))
+    assert Scheduler.stage_threads(sched) == expected  # type: ignore[arg-type]
