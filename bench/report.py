@@ -56,24 +56,30 @@ def _meta(d: dict[str, Any]) -> str:
 
 def pipeline_section(d: dict[str, Any]) -> str:
     runs = d["runs"]
-    head = ["stage"] + [f"{r['quality']} s" for r in runs] + [f"{r['quality']} MB" for r in runs]
+    head = (
+        ["stage"]
+        + [f"{r['quality']} s" for r in runs]
+        + [f"{r['quality']} MB" for r in runs]
+        + [f"{r['quality']} cores" for r in runs]
+    )
     rows = []
     for s in STAGES:
         rows.append(
             [s]
             + [r["stages"].get(s, {}).get("seconds") for r in runs]
             + [round(r["stages"][s]["peak_rss_mb"]) if s in r["stages"] else None for r in runs]
+            + [r["stages"].get(s, {}).get("cores_used") for r in runs]
         )
-    rows.append(["**total (stages)**"] + [r["total_s"] for r in runs] + [""] * len(runs))
-    rows.append(
-        ["total with process start-ups"] + [r["total_wall_s"] for r in runs] + [""] * len(runs)
-    )
-    rows.append(["F-score (1 %)"] + [r["fscore"] for r in runs] + [""] * len(runs))
+    blank = [""] * (2 * len(runs))
+    rows.append(["**total (stages)**"] + [r["total_s"] for r in runs] + blank)
+    rows.append(["total with process start-ups"] + [r["total_wall_s"] for r in runs] + blank)
+    rows.append(["F-score (1 %)"] + [r["fscore"] for r in runs] + blank)
     r0 = runs[0]
     return (
         f"## Per-stage time and peak memory\n\nDemo scene, {r0['images']} images "
         f"{r0['size'][0]}x{r0['size'][1]}, each stage in its own process (peak RSS = that "
-        f"process's VmHWM, imports included).\n\n{_table(head, rows)}\n\n{_meta(d)}\n"
+        "process's VmHWM, imports included; cores = the stage's CPU seconds over its wall "
+        f"seconds, of {d['machine']['cpus']}).\n\n{_table(head, rows)}\n\n{_meta(d)}\n"
     )
 
 
