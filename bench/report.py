@@ -563,7 +563,37 @@ def texture_section(d: dict[str, Any]) -> str:
         f"({100 * d['texture_share']:.0f} %), peak "
         f"{d['stages']['texture'].get('peak_rss_mb', 0):.0f} MB; {t['faces']} faces, "
         f"{t['faces_textured']} from photos, {t['charts']} charts, atlas "
-        f"{t['texture_size'][0]}x{t['texture_size'][1]}.{picture}\n\n{_meta(d)}\n"
+        f"{t['texture_size'][0]}x{t['texture_size'][1]}.{picture}\n\n{_budgets(d)}{_meta(d)}\n"
+    )
+
+
+def _budgets(d: dict[str, Any]) -> str:
+    """The face-budget sweep of newer texture results (older ones have none)."""
+    sweep = d.get("face_budgets")
+    if not sweep:
+        return ""
+    rows = [
+        [
+            r["face_budget"],
+            r["faces"],
+            r["texture_s"],
+            r["object_fscore"],
+            r["textured_psnr_db"],
+            r["vertex_colour_psnr_db"],
+        ]
+        for r in sweep
+    ]
+    head = [
+        "face budget",
+        "faces",
+        "texture s",
+        "object F-score (1 %)",
+        "held-out PSNR textured dB",
+        "vertex colours dB",
+    ]
+    return (
+        f"The same job meshed again at other face budgets (quality {d['quality']}'s own "
+        f"is one row):\n\n{_table(head, rows)}\n\n"
     )
 
 

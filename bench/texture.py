@@ -24,7 +24,11 @@ SIZE = (1024, 768)
 HELD_OUT = 3  # every n_images // HELD_OUT-th photo, starting at 1
 
 
-def held_out_figures(workspace: Path, scene_dir: Path, names: list[str]) -> dict[str, Any]:
+def held_out_figures(
+    workspace: Path, scene_dir: Path, names: list[str], picture: bool = True
+) -> dict[str, Any]:
+    """Held-out scores per view and their mean; with `picture`, the first view's photo |
+    vertex colours | texture strip goes to bench/results/texture.jpg."""
     from PIL import Image
 
     from pipeline.evaluate import align_to_truth
@@ -49,7 +53,7 @@ def held_out_figures(workspace: Path, scene_dir: Path, names: list[str]) -> dict
             alignment.apply,
             renders,
         )
-        if not strip:  # photo | vertex colours | texture, for BENCHMARKS.md
+        if picture and not strip:  # photo | vertex colours | texture, for BENCHMARKS.md
             strip = [photo, renders["vertex_colour"], renders["textured"]]
     if strip:
         from bench.report import RESULTS
@@ -68,10 +72,61 @@ def held_out_figures(workspace: Path, scene_dir: Path, names: list[str]) -> dict
     return {"views": per_view, "mean": mean}
 
 
+def budget_sweep(
+    spec: dict[str, Any], workspace: Path, scene_dir: Path, held: list[str], budgets: list[int]
+) -> list[dict[str, Any]]:
+    """The same job meshed again at other face budgets (meshing, color and texture in
+    their own processes, on the job's fused points): per budget the faces, the texture
+    stage's time, the object's F-score (1 % of its box) and the held-out PSNR of the
+    textured and of the vertex-coloured mesh. The job's own budget is the row of
+    `workspace` itself."""
+    from pipeline.evaluate import evaluate_object
+    from pipeline.presets import preset
+
+    own = preset(spec["quality"], spec.get("options")).face_budget
+    redo = ("meshing", "color", "texture")
+    rows = []
+    for budget in sorted({*budgets, own}):
+        ws = workspace
+        if budget != own:
+            ws = workspace.parent / f"{workspace.name}-faces-{budget}"
+            ws.mkdir()
+            for part in workspace.iterdir():
+                if part.name not in (*redo, "export"):
+                    (ws / part.name).symlink_to(part)
+            options = {**spec.get("options", {}), "face_budget": budget}
+            stages = run_pipeline_children({**spec, "options": options}, ws, redo)
+            texture_s = stages["texture"]["wall_s"]
+        else:
+            texture_s = None
+        metrics = json.loads((ws / "texture" / "metrics.json").read_text())["metrics"]
+        figures = held_out_figures(ws, scene_dir, held, picture=False)["mean"]
+        score = evaluate_object(
+            ws / "color" / "mesh.ply", scene_dir / "ground_truth", ws / "mapping" / "sparse" / "0"
+        )
+        rows.append(
+            {
+                "face_budget": budget,
+                "faces": metrics["faces"],
+                "texture_s": texture_s if texture_s is not None else metrics["seconds"],
+                "object_fscore": round(float(score.fscore), 4),
+                "textured_psnr_db": figures["textured"]["psnr_db"],
+                "vertex_colour_psnr_db": figures["vertex_colour"]["psnr_db"],
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--quality", default=None, help="default: medium (low with --quick)")
+    ap.add_argument(
+        "--budgets",
+        default="50000,100000",
+        help="face budgets to mesh the job again at, beside its preset's (comma-separated; "
+        "empty: none)",
+    )
     args = ap.parse_args(argv)
     quality = args.quality or ("low" if args.quick else "medium")
     n_images = 12 if args.quick else 24
@@ -94,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stages = run_pipeline_children(spec, ws)
         figures = held_out_figures(ws, scene_dir, held)
         texture_metrics = json.loads((ws / "texture" / "metrics.json").read_text())["metrics"]
+        budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+        sweep = budget_sweep(spec, ws, scene_dir, held, budgets)
     total = sum(s["wall_s"] for s in stages.values())
     share = stages["texture"]["wall_s"] / total
     results = {
@@ -110,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "stages": stages,
         "texture": texture_metrics,
         "held_out_scores": figures,
+        "face_budgets": sweep,
     }
     m = figures["mean"]
     print(

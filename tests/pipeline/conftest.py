@@ -1,16 +1,20 @@
 """Fixtures for the real-pipeline tests: a small rendered demo scene with ground truth,
-and a workspace where the sparse stages (ingest .. undistort) have run on it once."""
+a workspace where the sparse stages (ingest .. undistort) have run on it once, and the
+whole pipeline run once on real photos (ViSP's castel sequence)."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from castel_photos import CASTEL, STEP
+from PIL import Image
 
-from pipeline import JobSpec, StageContext, StageResult, run_stage
+from pipeline import STAGES, JobSpec, StageContext, StageResult, run_stage
 from pipeline.demo import render_scene
 
 DEMO_IMAGES = 16
@@ -55,4 +59,35 @@ def sparse_workspace(
     results = {}
     for name in SPARSE_STAGES:
         results[name] = run_stage(name, make_context(workspace, demo_scene / "images"))
+    return workspace, results
+
+
+@pytest.fixture(scope="session")
+def castel_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The photos as JPEGs, as a user would drop them."""
+    if not (CASTEL / "castel").is_dir():
+        reason = f"{CASTEL} is missing: install Debian's visp-images-data (make test does)"
+        if os.environ.get("DROPMESH_REQUIRE_REAL_PHOTOS"):
+            pytest.fail(f"DROPMESH_REQUIRE_REAL_PHOTOS is set, but {reason}")
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("castel")
+    images = root / "photos"
+    images.mkdir()
+    for pgm in sorted((CASTEL / "castel").glob("image_*.pgm"))[::STEP]:
+        Image.open(pgm).save(images / f"{pgm.stem}.jpg", quality=95)
+    return images
+
+
+@pytest.fixture(scope="session")
+def castel(castel_photos: Path) -> tuple[Path, dict[str, StageResult]]:
+    """A workspace where every stage has run on the photos at quality "low". Read only:
+    shared by the tests on real photos and the texture's held-out check."""
+    images = castel_photos
+    root = images.parent
+    workspace = root / "workspace"
+    spec = JobSpec(project="castel", images=images, quality="low", job_id="real")
+    results = {}
+    for name in STAGES:
+        ctx = StageContext(spec=spec, workspace=workspace, results_dir=root / "results")
+        results[name] = run_stage(name, ctx)
     return workspace, results

@@ -11,7 +11,6 @@ compared after one scale factor (the median ratio over all the views).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,11 @@ import open3d as o3d
 import pycolmap
 import pytest
 import trimesh
+from castel_photos import CASTEL
 from PIL import Image
 
-from pipeline import STAGES, JobSpec, StageContext, StageResult, run_stage
+from pipeline import JobSpec, StageContext, StageResult, run_stage
 from pipeline.stages.stereo.colmap_files import read_colmap_array
-
-CASTEL = Path("/usr/share/visp-images-data/ViSP-images/mbt-depth/castel")
-STEP = 2  # every second frame of the 30: 15 photos, a wider baseline between neighbours
 
 # From the sequence's chateau.xml and chateau_depth.xml (pixels) and depth_M_color.txt.
 COLOUR_K = np.array(
@@ -52,36 +49,6 @@ MIN_DEPTH_CORRELATION = 0.5
 # Measured: at least 0.40 (depth maps) and 0.73 (mesh) of the sensor's pixels in every view.
 MIN_DEPTH_COVERAGE = 0.35
 MIN_MESH_COVERAGE = 0.65
-
-
-@pytest.fixture(scope="module")
-def castel_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The photos as JPEGs, as a user would drop them."""
-    if not (CASTEL / "castel").is_dir():
-        reason = f"{CASTEL} is missing: install Debian's visp-images-data (make test does)"
-        if os.environ.get("DROPMESH_REQUIRE_REAL_PHOTOS"):
-            pytest.fail(f"DROPMESH_REQUIRE_REAL_PHOTOS is set, but {reason}")
-        pytest.skip(reason)
-    root = tmp_path_factory.mktemp("castel")
-    images = root / "photos"
-    images.mkdir()
-    for pgm in sorted((CASTEL / "castel").glob("image_*.pgm"))[::STEP]:
-        Image.open(pgm).save(images / f"{pgm.stem}.jpg", quality=95)
-    return images
-
-
-@pytest.fixture(scope="module")
-def castel(castel_photos: Path) -> tuple[Path, dict[str, StageResult]]:
-    """A workspace where every stage has run on the photos at quality "low"."""
-    images = castel_photos
-    root = images.parent
-    workspace = root / "workspace"
-    spec = JobSpec(project="castel", images=images, quality="low", job_id="real")
-    results = {}
-    for name in STAGES:
-        ctx = StageContext(spec=spec, workspace=workspace, results_dir=root / "results")
-        results[name] = run_stage(name, ctx)
-    return workspace, results
 
 
 def frame_of(image_name: str) -> int:

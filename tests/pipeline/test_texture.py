@@ -83,6 +83,32 @@ def test_held_out_views_are_explained_better_by_the_texture(
     assert results["texture"].metrics["faces_textured"] > 0.95 * results["texture"].metrics["faces"]
 
 
+def test_photos_the_job_never_saw_are_placed_where_they_were_taken(
+    held_out_job: tuple[Path, dict[str, StageResult]], demo_scene: Path
+) -> None:
+    """pipeline.localise against the demo's true cameras: the held-out photos' centres,
+    mapped to the truth by the job's own cameras, land where they were rendered from."""
+    from pipeline.localise import localise
+
+    workspace, _ = held_out_job
+    truth_json = demo_scene / "ground_truth" / "cameras.json"
+    truth = json.loads(truth_json.read_text())
+    alignment = align_to_truth(workspace / "undistort" / "sparse", truth_json)
+    extent = np.ptp([-np.asarray(c["R"]).T @ c["t"] for c in truth["images"].values()], axis=0)
+    for name in HELD_OUT:
+        placed = localise(workspace, demo_scene / "images" / name)
+        assert placed is not None, name
+        pose = placed.cam_from_world
+        centre = alignment.apply((-pose[:, :3].T @ pose[:, 3])[None])[0]
+        cam = truth["images"][name]
+        true_centre = -np.asarray(cam["R"]).T @ np.asarray(cam["t"])
+        error = np.linalg.norm(centre - true_centre) / np.linalg.norm(extent)
+        print(
+            f"{name}: {placed.inliers} of {placed.correspondences} inliers, centre off {error:.4f}"
+        )
+        assert error < 0.002, (name, error)  # measured 0.03 % of the camera ring
+
+
 def test_exports_load_back_with_their_texture(
     held_out_job: tuple[Path, dict[str, StageResult]],
 ) -> None:
@@ -307,103 +333,76 @@ def test_the_glb_passes_the_khronos_gltf_validator(
 
 # ---------------------------------------------------------------- real photos
 
-CASTEL = Path("/usr/share/visp-images-data/ViSP-images/mbt-depth/castel")
-CASTEL_HELD_OUT = (9, 15, 21)  # frames left out of the job (it takes the even ones)
-MIN_CASTEL_GAIN_DB = 1.5
+CASTEL_HELD_OUT = (9, 15, 21)  # odd frames: the job (tests/pipeline/conftest.py) took the even
+# Measured: textured 23.1-23.2 dB against vertex colours 22.8-23.0 dB (a flat colour 13.3-13.4);
+# PSNR gain 0.08-0.47 dB (mean 0.27), SSIM 0.81 against 0.75 (gain 0.051-0.064).
+MIN_CASTEL_PSNR_DB = 22.5
+MIN_CASTEL_MEAN_GAIN_DB = 0.1
+MIN_CASTEL_SSIM_GAIN = 0.04
+TARGET_CASTEL_GAIN_DB = 1.5  # what the textured export should reach
 
 
 @pytest.fixture(scope="module")
-def castel_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """(photos of all 30 frames, workspace of a job on the even frames, workspace of the
-    sparse stages on all frames, which places the left-out ones)."""
-    import os
+def castel_held_out(
+    castel: tuple[Path, dict[str, StageResult]], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, Any]]:
+    """Frames of the castel sequence the job never saw, placed in the job's own model
+    (pipeline.localise, with the job's lens), and the scores of the textured and of the
+    vertex-coloured mesh rendered from there through that lens, per frame."""
+    from castel_photos import CASTEL
 
-    if not os.environ.get("DROPMESH_CASTEL_TEXTURE"):
-        pytest.skip(
-            "the castel texture measurement takes about 8 minutes and its bar is not met yet "
-            "(see the xfail reason): run it with DROPMESH_CASTEL_TEXTURE=1"
+    from pipeline.localise import localise
+
+    workspace, _ = castel
+    root = tmp_path_factory.mktemp("castel_held_out")
+    out: dict[str, dict[str, Any]] = {}
+    for frame in CASTEL_HELD_OUT:
+        path = root / f"image_{frame:04d}.jpg"
+        with Image.open(CASTEL / "castel" / f"image_{frame:04d}.pgm") as im:
+            im.save(path, quality=95)  # as the job's photos were made
+            photo = np.asarray(im.convert("RGB"), np.float64) / 255.0
+        placed = localise(workspace, path)
+        assert placed is not None, f"{path.name} was not placed in the job's model"
+        pose = placed.cam_from_world
+        K = np.asarray(placed.camera.calibration_matrix())
+        scores = texturing.held_out_scores(
+            workspace, photo, K, pose[:, :3], pose[:, 3], rays=placed.rays()
         )
-    if not (CASTEL / "castel").is_dir():
-        reason = f"{CASTEL} is missing: install Debian's visp-images-data (make test does)"
-        if os.environ.get("DROPMESH_REQUIRE_REAL_PHOTOS"):
-            pytest.fail(f"DROPMESH_REQUIRE_REAL_PHOTOS is set, but {reason}")
-        pytest.skip(reason)
-    root = tmp_path_factory.mktemp("castel_texture")
-    every, job = root / "all", root / "job"
-    every.mkdir()
-    job.mkdir()
-    for pgm in sorted((CASTEL / "castel").glob("image_*.pgm")):
-        with Image.open(pgm) as im:
-            im.convert("RGB").save(every / f"{pgm.stem}.jpg", quality=95)
-        if int(pgm.stem.split("_")[1]) % 2 == 0:
-            shutil.copy(every / f"{pgm.stem}.jpg", job / f"{pgm.stem}.jpg")
-    ws = root / "ws"
-    for name in STAGES:
-        run_stage(name, _context(ws, job))
-    ws_all = root / "ws_all"
-    for name in ("ingest", "features", "matching", "mapping"):
-        run_stage(name, _context(ws_all, every))
-    return every, ws, ws_all
+        print(f"\n{path.name} ({placed.inliers} of {placed.correspondences} inliers): {scores}")
+        out[path.name] = {"placed": placed, **scores}
+    return out
+
+
+def test_left_out_real_photos_are_explained_better_by_the_texture(
+    castel_held_out: dict[str, dict[str, Any]],
+) -> None:
+    gains, ssim_gains = [], []
+    for name, v in castel_held_out.items():
+        placed, tex, vc, flat = v["placed"], v["textured"], v["vertex_colour"], v["flat"]
+        assert placed.inliers >= 0.5 * placed.correspondences, (name, placed)
+        assert tex["coverage"] >= vc["coverage"] - 0.005 > 0.5, name
+        assert tex["psnr_db"] > MIN_CASTEL_PSNR_DB > flat["psnr_db"] + 5, (name, tex, flat)
+        gains.append(tex["psnr_db"] - vc["psnr_db"])
+        ssim_gains.append(tex["ssim"] - vc["ssim"])
+    assert float(np.mean(gains)) >= MIN_CASTEL_MEAN_GAIN_DB, gains
+    assert min(ssim_gains) >= MIN_CASTEL_SSIM_GAIN, ssim_gains
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="not met yet: on castel the left-out frames score 14-16 dB for both, texture "
-    "0.4-0.8 dB below vertex colours; the mesh has holes and wrong depths at the castle's "
-    "edges, where sharp photos land misplaced (ghosts) and blur scores better, and the "
-    "all-frames model that places the left-out frames self-calibrates another lens "
-    "(radial k +0.34 against the job's -0.47)",
+    reason="not met yet: left-out castel frames, placed in the job's own model, score "
+    "23.1-23.2 dB textured against 22.8-23.0 dB with vertex colours (mean gain 0.27 dB; "
+    "SSIM 0.81 against 0.75). Where the PSNR is lost is not known yet; one suspect is the "
+    "reconstruction's tilt (see test_real_photos), which would misplace sharp texture where "
+    "vertex colours only blur",
 )
-def test_left_out_real_photos_are_explained_better_by_the_texture(
-    castel_job: tuple[Path, Path, Path],
+def test_left_out_real_photos_gain_the_target_from_the_texture(
+    castel_held_out: dict[str, dict[str, Any]],
 ) -> None:
-    import pycolmap
-
-    from pipeline.evaluate import umeyama
-
-    photos, ws, ws_all = castel_job
-    job = pycolmap.Reconstruction(str(ws / "undistort" / "sparse"))
-    everything = pycolmap.Reconstruction(str(ws_all / "mapping" / "sparse" / "0"))
-    by_name = {everything.images[i].name: everything.images[i] for i in everything.reg_image_ids()}
-    src, dst = [], []
-    for i in job.reg_image_ids():
-        image = job.images[i]
-        if image.name in by_name:
-            src.append(image.projection_center())
-            dst.append(by_name[image.name].projection_center())
-    s, rot, trans = umeyama(np.array(src), np.array(dst))
-
-    def to_all(p: np.ndarray) -> np.ndarray:
-        out: np.ndarray = s * p @ rot.T + trans
-        return out
-
-    gains = []
-    for frame in CASTEL_HELD_OUT:
-        name = f"image_{frame:04d}.jpg"
-        if name not in by_name:
-            continue
-        pose = np.asarray(by_name[name].cam_from_world().matrix())
-        # the model's own camera, lens distortion included, consistent with its poses: one
-        # ray per pixel centre
-        camera = everything.cameras[by_name[name].camera_id]
-        K = np.asarray(camera.calibration_matrix())
-        gx, gy = np.meshgrid(np.arange(camera.width) + 0.5, np.arange(camera.height) + 0.5)
-        xy = camera.cam_from_img(np.stack([gx.ravel(), gy.ravel()], axis=1))
-        d = np.concatenate([xy, np.ones((len(xy), 1))], axis=1) @ pose[:, :3]  # R^T d
-        d /= np.linalg.norm(d, axis=1, keepdims=True)
-        centre = -pose[:, :3].T @ pose[:, 3]
-        rays = np.concatenate([np.broadcast_to(centre, d.shape), d], axis=1)
-        rays = rays.reshape(camera.height, camera.width, 6)
-        with Image.open(photos / name) as im:
-            photo = np.asarray(im.convert("RGB"), np.float64) / 255.0
-        assert (camera.width, camera.height) == photo.shape[1::-1]
-        scores = texturing.held_out_scores(ws, photo, K, pose[:, :3], pose[:, 3], to_all, rays=rays)
-        print(f"\n{name}: {scores}")
-        tex, vc = scores["textured"], scores["vertex_colour"]
-        assert tex["coverage"] >= vc["coverage"] - 0.005 > 0.2
-        gains.append(tex["psnr_db"] - vc["psnr_db"])
-    assert len(gains) >= 2, "the left-out frames were not placed"
-    assert float(np.mean(gains)) >= MIN_CASTEL_GAIN_DB, gains
+    gains = [
+        v["textured"]["psnr_db"] - v["vertex_colour"]["psnr_db"] for v in castel_held_out.values()
+    ]
+    assert float(np.mean(gains)) >= TARGET_CASTEL_GAIN_DB, gains
 
 
 def test_potts_labels_smooth_a_noisy_choice_and_respect_what_is_not_seen() -> None:

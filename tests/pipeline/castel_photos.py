@@ -1,0 +1,8 @@
+"""ViSP's "castel" sequence (Debian's `visp-images-data`, GPL-2, installed by `make test`):
+30 frames of a painted model castle filmed by a hand-held Intel RealSense, with a depth
+frame registered to each."""
+
+from pathlib import Path
+
+CASTEL = Path("/usr/share/visp-images-data/ViSP-images/mbt-depth/castel")
+STEP = 2  # the jobs take every second frame of the 30: 15 photos, wider baselines
