@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quality", default=None, help="default: medium (low with --quick)")
     ap.add_argument(
         "--budgets",
-        default="50000,100000",
+        default="50000,100000,200000",
         help="face budgets to mesh the job again at, beside its preset's (comma-separated; "
         "empty: none)",
     )

@@ -44,7 +44,10 @@ PRESETS: dict[str, Preset] = {
         mapper="incremental",
         stereo_max_size=800,
         poisson_depth=9,
-        face_budget=200_000,
+        # the texture carries the detail: on the demo scene (bench texture) 100,000 faces
+        # score the object's F-score and the held-out textured PSNR of 200,000, with the
+        # texture stage a third faster
+        face_budget=100_000,
     ),
     "high": Preset(
         max_image_size=3200,

@@ -24,6 +24,7 @@ from pipeline import (
 )
 from pipeline.devices import cuda_device_count
 from pipeline.evaluate import evaluate, evaluate_object, umeyama
+from pipeline.presets import preset
 from pipeline.stages._common import choose_device
 from pipeline.stages._workspace import read_metrics
 from pipeline.stages.stereo.colmap_files import (
@@ -334,7 +335,7 @@ def test_medium_quality_mesh_matches_ground_truth(
     print(f"\nmedium: {score}\nobject: {obj}\ntimings: {timings}")
     assert score["fscore"] >= MIN_FSCORE, score
     assert obj["fscore"] >= MIN_OBJECT_FSCORE["medium"], obj
-    assert results["meshing"].metrics["faces"] <= 200_000
+    assert results["meshing"].metrics["faces"] <= preset("medium").face_budget
 
 
 def test_glb_loads_back_with_its_texture(
