@@ -577,7 +577,7 @@ def _budgets(d: dict[str, Any]) -> str:
             r["face_budget"],
             r["faces"],
             r["texture_s"],
-            r["object_fscore"],
+            f"{r['object_fscore']:.4f}",
             r["textured_psnr_db"],
             r["vertex_colour_psnr_db"],
         ]
