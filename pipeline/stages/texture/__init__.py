@@ -323,7 +323,7 @@ def _load_photos(
 
 def _load_photo(ctx: StageContext, views: list[View], k: int) -> tuple[int, np.ndarray]:
     ctx.check_cancelled()
-    return k, views[k].load()
+    return k, views[k].pixels()
 
 
 # ---------------------------------------------------------------- step 5: bake
