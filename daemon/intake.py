@@ -199,11 +199,7 @@ class Intake:
         dst = rejected / path.name
         if dst.exists():
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            dst = rejected / f"{path.stem}.{stamp}{path.suffix}"
-            n = 1
-            while dst.exists():
-                n += 1
-                dst = rejected / f"{path.stem}.{stamp}-{n}{path.suffix}"
+            dst = requests.free_path(rejected, f"{path.stem}.{stamp}", path.suffix)
         # The reason first, complete (temporary name, then rename), so that whoever finds
         # the request gone from the inbox (the dashboard, a script) also finds why.
         reason = rejected / f"{dst.name}.error.txt"

@@ -238,6 +238,17 @@ def render_toml(values: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def free_path(folder: Path, stem: str, suffix: str) -> Path:
+    """`folder/<stem><suffix>`, or the first of `<stem>-2<suffix>`, `<stem>-3<suffix>`, ...
+    that does not exist yet."""
+    path = folder / f"{stem}{suffix}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}{suffix}"
+    return path
+
+
 def write_request(inbox: Path, name: str, text: str, *, tag: str | None = None) -> Path:
     """Write a request file atomically: a hidden temporary name, then a rename into the
     inbox, so the daemon never reads half a file.
@@ -248,14 +259,7 @@ def write_request(inbox: Path, name: str, text: str, *, tag: str | None = None) 
     """
     inbox.mkdir(parents=True, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name) or "request"
-    if tag is not None:
-        path = inbox / f"{safe}-{tag}.toml"
-    else:
-        path = inbox / f"{safe}.toml"
-        n = 1
-        while path.exists():
-            n += 1
-            path = inbox / f"{safe}-{n}.toml"
+    path = inbox / f"{safe}-{tag}.toml" if tag is not None else free_path(inbox, safe, ".toml")
     tmp = inbox / f".{path.name}.tmp"
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
