@@ -27,10 +27,12 @@ SUITES = {
     "service": "bench.service",
     "web": "bench.web",
     "texture": "bench.texture",
+    "mapper": "bench.mapper",
 }
 # `python -m bench` with no suite named: all but compare (it needs a baseline commit)
 DEFAULT = (
     "pipeline", "sparse", "stereo", "daemon", "scaling", "memory", "service", "web", "texture",
+    "mapper",
 )  # fmt: skip
 QUICK_SERVICE = ["--drops", "30", "--jobs", "2000", "--cancels", "5"]
 

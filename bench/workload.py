@@ -25,16 +25,17 @@ def child_env(root: Path = ROOT, **extra: str) -> dict[str, str]:
     return env
 
 
-def scene(n_images: int, size: tuple[int, int], seed: int = 0) -> Path:
+def scene(n_images: int, size: tuple[int, int], seed: int = 0, variant: str = "easy") -> Path:
     """A rendered demo scene (cached between runs): `images/`, `ground_truth/`."""
-    out = CACHE / f"scene-{n_images}-{size[0]}x{size[1]}-{seed}"
+    tag = "" if variant == "easy" else f"-{variant}"
+    out = CACHE / f"scene-{n_images}-{size[0]}x{size[1]}-{seed}{tag}"
     if (out / "ground_truth" / "cameras.json").is_file():
         return out
     from pipeline.demo import render_scene
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    render_scene(tmp, n_images=n_images, size=size, seed=seed)
+    render_scene(tmp, n_images=n_images, size=size, seed=seed, variant=variant)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     return out

@@ -6,55 +6,32 @@ row locks (SELECT ... FOR UPDATE SKIP LOCKED for claims) and guarded updates.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import DatabaseError, OperationalError, ProgrammingError
+
+from daemon.ledgerfile import (
+    BUSY_TIMEOUT_MS,
+    SCHEMA_HEAD,
+    LedgerError,
+    check_local_fs,
+    json_loads,
+    missing,
+    sqlite_file,
+    unreadable,
+    wrong_schema,
+)
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-BUSY_TIMEOUT_MS = 60_000
-# The newest migration in daemon/migrations/versions (a test keeps the two in step).
-# Known here so that the CLI can check the schema without loading Alembic.
-SCHEMA_HEAD = "0002"
 # Key of the PostgreSQL advisory lock held while migrating, so that several daemons
 # starting at once migrate the shared ledger exactly once.
 _MIGRATION_LOCK = 0x64726F706D657368  # "dropmesh"
-# File systems on which SQLite's locking cannot be trusted.
-NETWORK_FS = (
-    "nfs",
-    "nfs4",
-    "cifs",
-    "smb",
-    "smb2",
-    "smbfs",
-    "smb3",
-    "ncpfs",
-    "afs",
-    "9p",
-    "ceph",
-    "glusterfs",
-    "lustre",
-    "gpfs",
-    "beegfs",
-    "fuse.sshfs",
-    "fuse.glusterfs",
-    "fuse.cephfs",
-    "fuse.s3fs",
-    "fuse.rclone",
-    "davfs",
-    "fuse.davfs2",
-)
-
-
-class LedgerError(Exception):
-    """The ledger cannot be used; the message says why and what to do."""
 
 
 def open_engine(url: str, *, create: bool = False) -> Engine:
@@ -64,10 +41,7 @@ def open_engine(url: str, *, create: bool = False) -> Engine:
     sqlite_path = sqlite_file(url)
     if sqlite_path is not None and not sqlite_path.exists():
         if not create:
-            raise LedgerError(
-                f"no ledger at {sqlite_path}: start the daemon there first "
-                "(`dropmesh run`), or pass --home"
-            )
+            raise missing(sqlite_path)
         sqlite_path.parent.mkdir(parents=True, exist_ok=True)
     if sqlite_path is not None:
         check_local_fs(sqlite_path)
@@ -76,37 +50,11 @@ def open_engine(url: str, *, create: bool = False) -> Engine:
         current = current_revision(engine)
         if current != SCHEMA_HEAD:
             if not create:
-                raise LedgerError(
-                    f"the ledger at {url} is at schema {current}, this dropmesh needs "
-                    f"{SCHEMA_HEAD}: start the daemon once to migrate it"
-                )
+                raise wrong_schema(url, current)
             upgrade(engine)
     except DatabaseError as exc:
-        raise LedgerError(
-            f"the ledger at {sqlite_path or url} cannot be read ({exc.orig}). "
-            "It may be corrupt: stop the daemon, move the file aside, and restore it "
-            "from a backup, or try `sqlite3 jobs.db .recover`; dropmesh will not "
-            "start an empty ledger over it"
-        ) from exc
+        raise unreadable(sqlite_path or url, exc.orig) from exc
     return engine
-
-
-def sqlite_file(url: str) -> Path | None:
-    """The database file of an SQLite URL (None for other databases and :memory:)."""
-    if not url.startswith("sqlite"):
-        return None
-    path = url.split("///", 1)[1] if "///" in url else ""
-    return Path(path) if path and path != ":memory:" else None
-
-
-def json_loads(text: str | bytes) -> Any:
-    """The JSON columns as read back: orjson (about 4 times faster than json, which
-    counts when a listing decodes the metrics of 100,000 stages), and json for what
-    orjson refuses (NaN and Infinity, which json writes)."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
 
 
 def make_engine(url: str) -> Engine:
@@ -140,37 +88,6 @@ def make_engine(url: str) -> Engine:
 
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
-
-
-def fs_type(path: Path, mounts: str | None = None) -> str:
-    """The file system type of the mount holding `path` (from /proc/mounts)."""
-    if mounts is None:
-        try:
-            mounts = Path("/proc/mounts").read_text()
-        except OSError:
-            return ""
-    path = path.resolve()
-    best, kind = "", ""
-    for line in mounts.splitlines():
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        point = parts[1].replace("\\040", " ")
-        if (path == Path(point) or Path(point) in path.parents) and len(point) >= len(best):
-            best, kind = point, parts[2]
-    return kind
-
-
-def check_local_fs(path: Path, mounts: str | None = None) -> None:
-    """Refuse an SQLite ledger on a network file system: its locks do not hold there."""
-    kind = fs_type(path, mounts)
-    if kind in NETWORK_FS or kind.startswith(("nfs", "fuse.sshfs")):
-        raise LedgerError(
-            f"the SQLite ledger {path} would lie on a network file system ({kind}); "
-            "SQLite's locking is not safe there. Keep jobs.db on a local disk, or, to share "
-            "the work between machines, use PostgreSQL: ledger_url = "
-            "\"postgresql+psycopg://user:pass@host/dropmesh\" (pip install 'dropmesh[postgres]')"
-        )
 
 
 def _sqlite_events(engine: Engine) -> None:

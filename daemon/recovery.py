@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from daemon.config import Config
-from daemon.db import LedgerError
 from daemon.joblog import JobLog
 from daemon.ledger import Ledger
+from daemon.ledgerfile import LedgerError
 from daemon.scheduler import GpuCount
 from daemon.stageproc import kill_tree
 

@@ -1,7 +1,8 @@
 """Ledger tables as SQLAlchemy Core tables. Times are UNIX seconds (float).
 
-The ORM classes in daemon/models.py are mapped onto these tables; the read-only
-listings in daemon/listing.py (what `dropmesh status` runs) use them without the ORM.
+The ORM classes in daemon/models.py are mapped onto these tables, and the dashboard's
+reads (daemon/web/data.py) query them through Core; the listings of `dropmesh status`
+(daemon/listing.py) are plain SQL on the same tables.
 """
 
 from __future__ import annotations

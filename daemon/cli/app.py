@@ -17,7 +17,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from daemon import config as config_mod
-from daemon.db import LedgerError
+from daemon.ledgerfile import LedgerError
 from daemon.listing import Listing
 
 if TYPE_CHECKING:

@@ -104,7 +104,7 @@ def status(
     Examples: dropmesh status · dropmesh status fountain --watch · dropmesh status --json
     """
     cfg = load_config(ctx, home)
-    # A job named by id or project is resolved by the Ledger; a listing needs only Core.
+    # A job named by id or project is resolved by the Ledger; a listing is plain SQL.
     ledger = open_ledger(cfg) if job else None
     listing = ledger if ledger is not None else open_listing(cfg)
 
@@ -112,12 +112,14 @@ def status(
         return read_jobs(listing, ledger, job, every=as_json or show_all, brief=brief)
 
     def view() -> Any:
+        """The job's table, or the listing as text (ANSI colours when the console has
+        them)."""
         jobs, stages, exports = snapshot(brief=not job)
         if job and len(jobs) == 1:
             return render.job_detail(jobs[0], stages[jobs[0].id], exports[jobs[0].id])
         if not jobs:
             return "no jobs yet: drop a request into the inbox or run `dropmesh submit`"
-        return render.jobs_listing(jobs, stages)
+        return render.jobs_listing(jobs, stages, console.color_system)
 
     if as_json:
         jobs, stages, exports = snapshot()
@@ -125,15 +127,24 @@ def status(
         sys.stdout.write(render.json_text(out))
         return
     if not watch:
-        console.print(view(), soft_wrap=True)
+        shown = view()
+        if isinstance(shown, str):
+            sys.stdout.write(shown + "\n")  # written as it is: no markup, no wrapping
+        else:
+            console.print(shown)
         return
     from rich.live import Live
+    from rich.text import Text
+
+    def live_view() -> Any:
+        shown = view()
+        return Text.from_ansi(shown, no_wrap=True) if isinstance(shown, str) else shown
 
     try:
-        with Live(view(), console=console, refresh_per_second=2) as live:
+        with Live(live_view(), console=console, refresh_per_second=2) as live:
             while True:
                 time.sleep(0.5)
-                live.update(view())
+                live.update(live_view())
     except KeyboardInterrupt:
         pass
 

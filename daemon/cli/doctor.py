@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from daemon.cli.app import HomeOpt, app, console, load_config
-from daemon.db import LedgerError
+from daemon.ledgerfile import LedgerError
 
 # The top-level import names dropmesh installs. Other distributions may install the same
 # names (python-daemon installs `daemon`); see docs/ARCHITECTURE.md, "Import names".

@@ -37,6 +37,8 @@ class RequestTaken(Exception):
 class Store(Listing):
     """The engine and its transactions; the read-only listings come with it."""
 
+    engine: Engine  # always one here (the CLI's Listing on SQLite has none)
+
     def __init__(self, engine: Engine) -> None:
         super().__init__(engine)
         # Several daemons may use this ledger at once (a server database, not a file).

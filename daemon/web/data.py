@@ -1,6 +1,6 @@
 """What the dashboard reads from the ledger, shaped as JSON.
 
-Listings go through SQLAlchemy Core (daemon/listing.py's tables), one page of jobs and
+Listings go through SQLAlchemy Core (daemon/schema.py's tables), one page of jobs and
 only that page's stages at a time, so the jobs page costs the same with ten or ten
 thousand jobs in the ledger.
 """

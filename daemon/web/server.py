@@ -90,7 +90,7 @@ def upload_limits(env: Mapping[str, str]) -> Limits:
 def serve(cfg: Config, host: str, port: int, *, token: str | None = None) -> int:
     import uvicorn
 
-    from daemon.db import LedgerError
+    from daemon.ledgerfile import LedgerError
     from daemon.web.app import create_app
 
     generated = False

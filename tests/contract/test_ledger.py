@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.db import LedgerError
 from daemon.ledger import ExportRecord, Fenced, Ledger, NotFound
+from daemon.ledgerfile import LedgerError
 from daemon.states import JobState, StageState, TransitionError
 from pipeline import STAGES
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -10,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.db import LedgerError
 from daemon.ledger import ExportRecord, Ledger
+from daemon.ledgerfile import LedgerError
 from daemon.listing import Listing
 from daemon.models import Event
 from pipeline import STAGES
@@ -121,6 +123,35 @@ def test_open_refuses_a_missing_ledger(tmp_path: Path) -> None:
     assert not (tmp_path / "none.db").exists()
 
 
+def test_open_refuses_a_corrupt_or_old_ledger_naming_it(tmp_path: Path) -> None:
+    """The SQLite listing checks the file as the engine does, with the same messages."""
+    garbage = tmp_path / "jobs.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LedgerError, match=r"jobs\.db cannot be read .*corrupt.*\.recover"):
+        Listing.open(f"sqlite:///{garbage}")
+    assert garbage.read_bytes().startswith(b"this is not")
+    foreign = tmp_path / "photos.db"
+    con = sqlite3.connect(foreign)
+    con.execute("create table photos (id integer)")
+    con.commit()
+    con.close()
+    with pytest.raises(LedgerError, match="is at schema None.*start the daemon once"):
+        Listing.open(f"sqlite:///{foreign}")
+
+
+def test_rows_read_back_as_the_orm_gives_them(ledger: Ledger, listing: Listing) -> None:
+    """JSON columns decoded, booleans as booleans (SQLite stores 0 and 1)."""
+    a = make(ledger, "a")
+    ledger.claim_next("host:1:x")
+    ledger.request_cancel(a)  # a running job: cancelled by its daemon, asked for here
+    assert [(j.state, j.cancel_requested) for j in listing.list_jobs()] == [("running", True)]
+    b = make(ledger, "b")
+    rows = {j.id: j for j in listing.list_jobs()}
+    assert rows[b].cancel_requested is False
+    assert isinstance(rows[b].spec, dict) and rows[b].spec["job_id"] == b
+    assert all(isinstance(s.metrics, dict) for s in listing.stages_for([b])[b])
+
+
 def test_listing_loads_no_orm() -> None:
     code = (
         "import sys, daemon.listing; "
@@ -129,3 +160,27 @@ def test_listing_loads_no_orm() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_status_on_sqlite_loads_no_sqlalchemy(tmp_path: Path) -> None:
+    """Importing SQLAlchemy takes longer than listing 10,000 jobs: `dropmesh status` on an
+    SQLite ledger reads through the standard library's sqlite3 alone."""
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'jobs.db'}", create=True)
+    make(ledger, "a")
+    ledger.close()
+    code = (
+        "import sys, runpy; sys.argv = ['dropmesh', 'status', '--all']\n"
+        "try:\n    runpy.run_module('daemon.cli', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('sqlalchemy'))[:3])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "DROPMESH_HOME": str(tmp_path)},
+    )
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "[]", out.stdout
+    assert any(line.split()[1:3] == ["a", "queued"] for line in lines[1:-1]), out.stdout

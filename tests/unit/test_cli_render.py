@@ -151,17 +151,29 @@ def test_the_listing_is_aligned_one_line_per_job_with_no_trailing_blanks() -> No
     ]
     stages = {"a1": all_stages(done=1, running=0.5), "b2": all_stages(done=3)}
     text = render.jobs_listing(jobs, stages)
-    lines = text.plain.split("\n")
+    lines = text.split("\n")
     assert len(lines) == 4  # the header and one line per job, the error's newline folded
     assert lines[0].split() == list(render.LISTING_COLUMNS)
     state_at = lines[0].index("state")
     assert [line[state_at:].split()[0] for line in lines[1:]] == ["running", "failed", "succeeded"]
     assert lines[2].endswith("disk full at export")
     assert all(line == line.rstrip() for line in lines)
-    # every state is shown in its colour
-    styles = {text.plain[span.start : span.end].strip(): span.style for span in text.spans}
-    assert styles["failed"] == render.STATE_STYLE["failed"]
-    assert styles["running"] == render.STATE_STYLE["running"]
+    assert "\x1b" not in text, "no colour codes unless the console has colours"
+    # on a colour terminal the header is bold and every state is shown in its colour
+    coloured = render.jobs_listing(jobs, stages, "truecolor").split("\n")
+    assert coloured[0].startswith("\x1b[1m") and coloured[0].endswith("\x1b[0m")
+    assert "\x1b[31mfailed" in coloured[2]  # red
+    assert "\x1b[33mrunning" in coloured[1]  # yellow
+    assert all(render.STATE_STYLE[s] for s in ("failed", "running", "succeeded"))
+
+
+def test_the_listing_strips_control_codes_from_ledger_text() -> None:
+    """A project name or an error text is the user's or a library's: an escape sequence
+    in it must not reach the terminal."""
+    jobs = [job("failed", id="x1", project="p\x1b[2J", error="bad \x1b]0;title\x07 input")]
+    text = render.jobs_listing(jobs, {}, "truecolor")
+    assert "\x1b[2J" not in text and "\x1b]0" not in text and "\x07" not in text
+    assert "p[2J" in text and "bad ]0;title input" in text
 
 
 def test_json_text_is_the_indented_json_of_the_items() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import db
+from daemon import ledgerfile
 from daemon.config import ConfigError, load
 from daemon.ledger import request_key
 
@@ -30,18 +30,18 @@ tmpfs /mnt/scans/local tmpfs rw 0 0
     ],
 )
 def test_fs_type_from_mounts(path: str, kind: str) -> None:
-    assert db.fs_type(Path(path), MOUNTS) == kind
+    assert ledgerfile.fs_type(Path(path), MOUNTS) == kind
 
 
 @pytest.mark.parametrize("path", ["/mnt/scans/jobs.db", "/mnt/nas/jobs.db", "/mnt/my data/j.db"])
 def test_sqlite_ledger_refused_on_network_fs(path: str) -> None:
-    with pytest.raises(db.LedgerError, match="network file system.*PostgreSQL"):
-        db.check_local_fs(Path(path), MOUNTS)
+    with pytest.raises(ledgerfile.LedgerError, match="network file system.*PostgreSQL"):
+        ledgerfile.check_local_fs(Path(path), MOUNTS)
 
 
 def test_sqlite_ledger_allowed_on_local_disk(tmp_path: Path) -> None:
-    db.check_local_fs(tmp_path / "jobs.db", MOUNTS)
-    db.check_local_fs(tmp_path / "jobs.db")  # this machine's own /proc/mounts
+    ledgerfile.check_local_fs(tmp_path / "jobs.db", MOUNTS)
+    ledgerfile.check_local_fs(tmp_path / "jobs.db")  # this machine's own /proc/mounts
 
 
 def test_shared_root_holds_inbox_workspaces_results(tmp_path: Path) -> None:
@@ -73,6 +73,6 @@ def test_json_columns_read_back_what_json_wrote() -> None:
     import math
 
     metrics = {"psnr": 29.9, "cameras": [{"params": [575.6, 320.0]}], "name": "é"}
-    assert db.json_loads(json.dumps(metrics)) == metrics
-    odd = db.json_loads(json.dumps({"ratio": float("nan"), "gain": float("inf")}))
+    assert ledgerfile.json_loads(json.dumps(metrics)) == metrics
+    odd = ledgerfile.json_loads(json.dumps({"ratio": float("nan"), "gain": float("inf")}))
     assert math.isnan(odd["ratio"]) and odd["gain"] == math.inf
