@@ -269,14 +269,53 @@ def memory_section(d: dict[str, Any]) -> str:
     ]
     verdict = "within" if d["within_limit"] else "OVER"
     return (
-        f"## Peak memory at scale\n\nDemo scene, {r['images']} images "
+        f"## The whole job at scale: time and peak memory\n\nDemo scene "
+        f"({r.get('variant', 'easy')} variant), {r['images']} images "
         f"{r['size'][0]}x{r['size'][1]}, preset {r['quality']}, each stage in its own process "
         "(peak RSS = that process's VmHWM).\n\n"
         + _table(["stage", "s", "peak MB"], rows)
         + f"\n\n**Peak {r['peak_rss_mb']:.0f} MB**, {verdict} the {d['limit_mb']} MB target; "
-        f"{r['total_s']:.0f} s in stages; F-score {r['fscore']}.\n\n"
+        f"{r['total_s']:.0f} s in stages, {r['total_wall_s']:.0f} s "
+        f"({r['total_wall_s'] / 60:.1f} min) with the stages' process start-ups; "
+        f"F-score {r['fscore']}.\n\n"
         + (f"{d['note']}\n\n" if d.get("note") else "")
         + f"{_meta(d)}\n"
+    )
+
+
+def mapper_section(d: dict[str, Any]) -> str:
+    rows = []
+    for size in d["sizes"]:
+        for mapper, runs in size["runs"].items():
+            m = size["summary"][mapper]
+            rows.append(
+                [size["images"], mapper, m["seconds_median"],
+                 f"{m['seconds_min']}-{m['seconds_max']}", m["registered_min"], m["camera_rms_max"],
+                 _median([r["mean_reprojection_error"] for r in runs])]
+            )  # fmt: skip
+    up = d["sizes"][-1]["upstream"]
+    return (
+        "## Incremental or global mapping\n\nHard demo variant, 1600x1200, preset medium; "
+        "features and matching once per size, then the mapping stage on that database with "
+        f"each mapper, alternating, {d['rounds']} runs each, each in its own process. Camera "
+        "error: RMS distance of the camera centres from the true ones after a similarity "
+        "alignment (scene units; the camera ring has radius ~3.3).\n\n"
+        + _table(
+            [
+                "photos",
+                "mapper",
+                "median s",
+                "min-max s",
+                "registered",
+                "camera rms",
+                "reprojection px",
+            ],
+            rows,
+        )  # fmt: skip
+        + f"\n\nAt {d['sizes'][-1]['images']} photos: features {up['features']['seconds']:.0f} s, "
+        f"matching {up['matching']['seconds']:.0f} s for {up['matching']['metrics']['pairs']} "
+        f"pairs ({up['matching']['metrics'].get('guided_pairs')} guided), peak "
+        f"{up['matching']['peak_rss_mb']:.0f} MB.\n\n{_meta(d)}\n"
     )
 
 
@@ -366,6 +405,34 @@ def _scaling_growth(d: dict[str, Any]) -> tuple[str, bool] | None:
         return None
     text = "; ".join(f"{q} {n0}->{n1}: {r:.2f}x (n log n {nl:.2f}x)" for q, n0, n1, r, nl in steps)
     return text, all(r <= nl for *_, r, nl in steps)
+
+
+def _hard_128(d: dict[str, Any]) -> bool:
+    """A memory run on the hard variant at 128 photos of 1600 px (older runs: easy)."""
+    r = d["run"]
+    return bool(r.get("variant") == "hard" and r["images"] >= 128 and max(r["size"]) >= 1600)
+
+
+def _mapper_auto(d: dict[str, Any]) -> tuple[str, bool] | None:
+    """Per size: the mapper `auto` picks (pipeline.stages.mapping.auto_mapper), its median
+    seconds against the other's, and its worst camera error against the other's."""
+    from pipeline.stages.mapping import auto_mapper
+
+    shown, ok = [], True
+    for size in d["sizes"]:
+        n = size["images"]
+        chosen = auto_mapper(n)
+        other = next(m for m in size["summary"] if m != chosen)
+        a, b = size["summary"][chosen], size["summary"][other]
+        faster = a["seconds_median"] <= b["seconds_median"]
+        holds = a["camera_rms_max"] <= 1.1 * b["camera_rms_max"]
+        placed = a["registered_min"] >= b["registered_min"]
+        ok = ok and faster and holds and placed
+        shown.append(
+            f"{n}: {chosen} {a['seconds_median']:.0f} s vs {other} {b['seconds_median']:.0f} s, "
+            f"rms {a['camera_rms_max']:.4f} vs {b['camera_rms_max']:.4f}"
+        )
+    return "; ".join(shown), ok
 
 
 ISSUE_2 = "issue 2 (daemon core): the CLI is used from any terminal while the daemon works"
@@ -474,6 +541,46 @@ TARGETS: tuple[Target, ...] = (
             if d["run"]["images"] >= 128 and max(d["run"]["size"]) >= 1600
             else None
         ),
+    ),
+    Target(
+        "memory",
+        "the whole job, 128 photos of 1600 px, hard variant, medium, 2 cores",
+        "< 15 min",
+        ISSUE_12 + ": a big job of real-looking photos finishes while the user waits",
+        lambda d: (
+            (f"{d['run']['total_wall_s'] / 60:.1f} min", d["run"]["total_wall_s"] < 900)
+            if _hard_128(d)
+            else None
+        ),
+    ),
+    Target(
+        "memory",
+        "matching stage's peak memory, 128 photos of 1600 px, hard variant",
+        "< 2 GB",
+        ISSUE_12 + ": matching must not be what runs a machine out of memory",
+        lambda d: (
+            (f"{m:.0f} MB", m < 2048)
+            if _hard_128(d) and (m := d["run"]["stages"]["matching"]["peak_rss_mb"])
+            else None
+        ),
+    ),
+    Target(
+        "memory",
+        "matching time per pair, 128 photos of 1600 px, hard variant",
+        "<= 0.5 s",
+        ISSUE_12 + ": 4.4 s a pair on real photos",
+        lambda d: (
+            _at_most(m["seconds"] / m["metrics"]["pairs"], 0.5, " s", digits=2)
+            if _hard_128(d) and (m := d["run"]["stages"]["matching"])
+            else None
+        ),
+    ),
+    Target(
+        "mapper",
+        "mapping with `mapper = auto`, against the other mapper, hard variant (64 and 128)",
+        "no slower, camera error within 10 %",
+        ISSUE_12 + ": make auto pick the faster mapper where quality holds",
+        _mapper_auto,
     ),
     Target(
         "web",
@@ -652,6 +759,7 @@ def write_report() -> list[Path]:
         ("daemon", daemon_section),
         ("scaling", scaling_section),
         ("memory", memory_section),
+        ("mapper", mapper_section),
         ("service", service_section),
         ("texture", texture_section),
         ("web", web_section),

@@ -19,8 +19,10 @@ from bench.workload import fscore, load, run_pipeline_children, scene, spec_json
 SIZE = (1024, 768)
 
 
-def measure(n_images: int, size: tuple[int, int], quality: str, root: Path) -> dict[str, Any]:
-    scene_dir = scene(n_images, size)
+def measure(
+    n_images: int, size: tuple[int, int], quality: str, root: Path, variant: str = "easy"
+) -> dict[str, Any]:
+    scene_dir = scene(n_images, size, variant=variant)
     workspace = root / f"{quality}-{n_images}"
     shutil.rmtree(workspace, ignore_errors=True)
     stages = run_pipeline_children(spec_json(scene_dir, quality), workspace)
@@ -28,6 +30,7 @@ def measure(n_images: int, size: tuple[int, int], quality: str, root: Path) -> d
         "quality": quality,
         "images": n_images,
         "size": list(size),
+        "variant": variant,
         "stages": stages,
         "total_s": round(sum(s["seconds"] for s in stages.values()), 3),
         "total_wall_s": round(sum(s["wall_s"] for s in stages.values()), 3),

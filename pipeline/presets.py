@@ -11,7 +11,7 @@ class Preset:
     max_image_size: int  # longest image side after ingest, px
     max_num_features: int
     matcher: str  # auto | exhaustive | sequential | vocabtree | spatial
-    mapper: str  # incremental | global
+    mapper: str  # auto | incremental | global (auto: see pipeline/stages/mapping.py)
     stereo_max_size: int  # longest side of depth maps, px
     poisson_depth: int
     face_budget: int  # decimate the mesh to at most this many faces
@@ -30,7 +30,7 @@ PRESETS: dict[str, Preset] = {
         max_image_size=800,
         max_num_features=4096,
         matcher="auto",
-        mapper="incremental",
+        mapper="auto",
         stereo_max_size=400,
         poisson_depth=8,
         face_budget=50_000,
@@ -41,7 +41,7 @@ PRESETS: dict[str, Preset] = {
         max_image_size=1600,
         max_num_features=8192,
         matcher="auto",
-        mapper="incremental",
+        mapper="auto",
         stereo_max_size=800,
         poisson_depth=9,
         # the texture carries the detail: on the demo scene (bench texture) 100,000 faces
@@ -53,7 +53,7 @@ PRESETS: dict[str, Preset] = {
         max_image_size=3200,
         max_num_features=16384,
         matcher="auto",
-        mapper="incremental",
+        mapper="auto",
         stereo_max_size=1600,
         poisson_depth=10,
         face_budget=1_000_000,
@@ -65,7 +65,7 @@ PRESETS: dict[str, Preset] = {
 OPTION_KEYS: dict[str, type] = {f.name: int if f.type == "int" else str for f in fields(Preset)}
 OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "matcher": ("auto", "exhaustive", "sequential", "vocabtree", "spatial"),
-    "mapper": ("incremental", "global"),
+    "mapper": ("auto", "incremental", "global"),
     "guided_matching": ("off", "weak", "on"),
 }
 

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from pipeline import Cancelled, JobSpec, PermanentError, StageContext, StageResult, run_stage
-from pipeline.stages import matching
+from pipeline.presets import preset
+from pipeline.stages import mapping, matching
 from pipeline.stages.features import camera_groups
 from pipeline.stages.matching import choose_matcher, make_pairs
 
@@ -216,6 +217,55 @@ def test_mapping_fails_clearly_when_too_few_images_register(
     assert "of 7 images" in str(info.value)
     assert info.value.hint and "overlap" in info.value.hint
     assert not (workspace / "mapping").exists()
+
+
+def _centre_errors(model_dir: Path, truth: dict[str, Any]) -> np.ndarray:
+    model = pycolmap.Reconstruction(model_dir)
+    names = sorted(image.name for image in model.images.values() if image.name in truth)
+    estimated = np.array([model.find_image_with_name(n).projection_center() for n in names])
+    centres = np.array([truth[n]["centre"] for n in names])
+    sim = pycolmap.estimate_sim3d(estimated, centres)
+    assert sim is not None
+    matrix = np.asarray(sim.matrix())
+    return np.asarray(np.linalg.norm(estimated @ matrix[:, :3].T + matrix[:, 3] - centres, axis=1))
+
+
+def test_auto_mapper_maps_big_sets_globally() -> None:
+    assert mapping.auto_mapper(mapping.GLOBAL_FROM - 1) == "incremental"
+    assert mapping.auto_mapper(mapping.GLOBAL_FROM) == "global"
+    assert preset("medium").mapper == "auto"
+
+
+def test_auto_maps_globally_and_incrementally_when_photos_stay_out(
+    demo_scene: Path,
+    ground_truth: dict[str, Any],
+    tmp_path: Path,
+    stage_context: MakeContext,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With `auto` choosing global mapping (GLOBAL_FROM lowered to this set's size), the
+    16 demo photos are placed globally; two unrelated photos stay out, so incremental
+    mapping runs too, and the model that places more photos is kept (global on a tie)."""
+    images = tmp_path / "photos"
+    _copy_images(demo_scene, images, len(ground_truth["images"]))
+    rng = np.random.default_rng(2)
+    for i in range(2):
+        noise = rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8)
+        Image.fromarray(noise).resize((640, 480), Image.Resampling.BICUBIC).save(
+            images / f"unrelated_{i}.jpg"
+        )
+    workspace = tmp_path / "ws"
+    for name in ("ingest", "features", "matching"):
+        run_stage(name, stage_context(workspace, images))
+    monkeypatch.setattr(mapping, "GLOBAL_FROM", 18)
+    with caplog.at_level("INFO", logger="pipeline"):
+        metrics = run_stage("mapping", stage_context(workspace, images)).metrics
+    assert "global mapping placed 16 of 18 images; mapping incrementally as well" in caplog.text
+    assert (metrics["mapper"], metrics["registered"], metrics["total"]) == ("global", 16, 18)
+    assert sorted(metrics["unregistered"]) == ["unrelated_0.jpg", "unrelated_1.jpg"]
+    errors = _centre_errors(workspace / "mapping" / "sparse" / "0", ground_truth["images"])
+    assert len(errors) == 16 and errors.max() < MAX_CENTRE_ERROR * ground_truth["scene_size"]
 
 
 def test_vocabulary_tree_finds_the_neighbours_of_photos_in_no_order(
