@@ -17,7 +17,8 @@ class Preset:
     face_budget: int  # decimate the mesh to at most this many faces
     # off | weak | on: guided matching (a second search along the verified geometry) finds
     # more matches on hard pairs, at ~20x the CPU time of plain matching. "weak" matches
-    # every pair plainly, then again guided only the pairs verified with few inliers.
+    # every pair plainly, then again guided only the pairs verified with few inliers that
+    # show a poorly connected photo (pipeline/stages/matching.py).
     guided_matching: str = "weak"
     texture_size: int = 4096  # longest side of the baked texture atlas, texels
 

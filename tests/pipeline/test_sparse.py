@@ -379,6 +379,43 @@ def test_weak_pairs_are_matched_again_guided(
         assert sum(weak.values()) > sum(plain.values())  # matched again, not skipped
 
 
+@pytest.mark.parametrize("well_connected", [0, 10**6])
+def test_weak_pairs_are_matched_guided_only_for_poorly_connected_photos(
+    sparse_workspace: Sparse,
+    demo_scene: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    well_connected: int,
+) -> None:
+    """A weak pair (verified with fewer than GUIDED_BELOW inliers) is matched again guided
+    only if one of its photos has fewer than WELL_CONNECTED strong pairs: with 0 no photo
+    is poorly connected and nothing is re-matched; with a million every photo is, and every
+    weak pair is re-matched."""
+    source, _ = sparse_workspace
+    plain = _inliers(source / "matching" / "database.db")
+    weak_before = [pair for pair, n in plain.items() if 0 < n < matching.GUIDED_BELOW]
+    assert weak_before, "the demo ring has weak pairs (its far neighbours)"
+    workspace = tmp_path / "ws"
+    for name in ("ingest", "features"):
+        shutil.copytree(source / name, workspace / name)
+    monkeypatch.setattr(matching, "GUIDED_CHEAP", 0)
+    monkeypatch.setattr(matching, "WELL_CONNECTED", well_connected)
+    spec = JobSpec(
+        project="demo",
+        images=demo_scene / "images",
+        quality="low",
+        options={"guided_matching": "weak"},
+    )
+    ctx = StageContext(spec=spec, workspace=workspace, results_dir=tmp_path / "results")
+    metrics = run_stage("matching", ctx).metrics
+    if well_connected == 0:
+        assert metrics["guided_pairs"] == 0
+        assert matching.poorly_connected(workspace / "matching" / "database.db") == set()
+    else:
+        margin = max(2, len(weak_before) // 10)  # verification is not bit-stable (threads)
+        assert abs(metrics["guided_pairs"] - len(weak_before)) <= margin, metrics
+
+
 def test_guided_matching_choices_are_checked() -> None:
     from pipeline.presets import OPTION_CHOICES, PRESETS
 
