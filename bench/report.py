@@ -289,8 +289,9 @@ def mapper_section(d: dict[str, Any]) -> str:
         for mapper, runs in size["runs"].items():
             m = size["summary"][mapper]
             rows.append(
-                [size["images"], mapper, m["seconds_median"],
-                 f"{m['seconds_min']}-{m['seconds_max']}", m["registered_min"], m["camera_rms_max"],
+                [size["images"], mapper, f"{m['seconds_median']:.0f}",
+                 f"{m['seconds_min']:.0f}-{m['seconds_max']:.0f}", m["registered_min"],
+                 f"{m['camera_rms_max']:.5f}",
                  _median([r["mean_reprojection_error"] for r in runs])]
             )  # fmt: skip
     up = d["sizes"][-1]["upstream"]

@@ -44,3 +44,29 @@ def test_the_committed_results_give_a_verdict_for_every_target() -> None:
     measured = [check(t, results[t.suite])[1] for t in TARGETS if results[t.suite]]
     assert set(measured) <= {"pass", "FAIL", "not measured"}
     assert "pass" in measured
+
+
+def mapper_runs(global_s: float, global_rms: float) -> dict[str, Any]:
+    def summary(seconds: float, rms: float) -> dict[str, Any]:
+        return {"seconds_median": seconds, "registered_min": 128, "camera_rms_max": rms}
+
+    return {
+        "sizes": [
+            {
+                "images": 128,
+                "summary": {
+                    "incremental": summary(360.0, 0.0005),
+                    "global": summary(global_s, global_rms),
+                },
+            }
+        ]
+    }
+
+
+def test_the_auto_mapper_target_checks_speed_and_camera_error() -> None:
+    """`auto` maps 128 photos globally: that passes only if global was measured faster
+    with a camera error within 10 % of incremental's."""
+    (auto,) = [t for t in TARGETS if t.suite == "mapper"]
+    assert check(auto, mapper_runs(230.0, 0.0004))[1] == "pass"
+    assert check(auto, mapper_runs(400.0, 0.0004))[1] == "FAIL"  # slower
+    assert check(auto, mapper_runs(230.0, 0.0006))[1] == "FAIL"  # less accurate
