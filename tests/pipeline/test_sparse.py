@@ -17,6 +17,7 @@ from PIL import Image
 from pipeline import Cancelled, JobSpec, PermanentError, StageContext, StageResult, run_stage
 from pipeline.presets import preset
 from pipeline.stages import mapping, matching
+from pipeline.stages._workspace import read_metrics
 from pipeline.stages.features import camera_groups
 from pipeline.stages.matching import choose_matcher, make_pairs
 
@@ -331,6 +332,23 @@ def _inliers(db_path: Path) -> dict[tuple[str, str], int]:
     return counts
 
 
+def _match_weak(sparse_workspace: Sparse, demo_scene: Path, tmp_path: Path) -> Path:
+    """Run matching with guided_matching "weak" on a copy of the sparse workspace's
+    features; returns the new workspace."""
+    source, _ = sparse_workspace
+    workspace = tmp_path / "ws"
+    for name in ("ingest", "features"):
+        shutil.copytree(source / name, workspace / name)
+    spec = JobSpec(
+        project="demo",
+        images=demo_scene / "images",
+        quality="low",
+        options={"guided_matching": "weak"},
+    )
+    run_stage("matching", StageContext(spec=spec, workspace=workspace, results_dir=tmp_path / "r"))
+    return workspace
+
+
 @pytest.mark.parametrize("guided_below", [0, 10**6])
 @pytest.mark.parametrize("guided_cheap", [0, 10**12])
 def test_weak_pairs_are_matched_again_guided(
@@ -349,19 +367,10 @@ def test_weak_pairs_are_matched_again_guided(
     source, results = sparse_workspace
     plain = _inliers(source / "matching" / "database.db")  # quality "low": no guided pass
     assert results["matching"].metrics["guided_pairs"] == 0
-    workspace = tmp_path / "ws"
-    for name in ("ingest", "features"):
-        shutil.copytree(source / name, workspace / name)
     monkeypatch.setattr(matching, "GUIDED_BELOW", guided_below)
     monkeypatch.setattr(matching, "GUIDED_CHEAP", guided_cheap)
-    spec = JobSpec(
-        project="demo",
-        images=demo_scene / "images",
-        quality="low",
-        options={"guided_matching": "weak"},
-    )
-    ctx = StageContext(spec=spec, workspace=workspace, results_dir=tmp_path / "results")
-    metrics = run_stage("matching", ctx).metrics
+    workspace = _match_weak(sparse_workspace, demo_scene, tmp_path)
+    metrics = read_metrics(workspace, "matching")
     weak = _inliers(workspace / "matching" / "database.db")
     verified = {pair for pair, n in plain.items() if n > 0}
     assert metrics["guided_matching"] == "weak"
@@ -395,19 +404,10 @@ def test_weak_pairs_are_matched_guided_only_for_poorly_connected_photos(
     plain = _inliers(source / "matching" / "database.db")
     weak_before = [pair for pair, n in plain.items() if 0 < n < matching.GUIDED_BELOW]
     assert weak_before, "the demo ring has weak pairs (its far neighbours)"
-    workspace = tmp_path / "ws"
-    for name in ("ingest", "features"):
-        shutil.copytree(source / name, workspace / name)
     monkeypatch.setattr(matching, "GUIDED_CHEAP", 0)
     monkeypatch.setattr(matching, "WELL_CONNECTED", well_connected)
-    spec = JobSpec(
-        project="demo",
-        images=demo_scene / "images",
-        quality="low",
-        options={"guided_matching": "weak"},
-    )
-    ctx = StageContext(spec=spec, workspace=workspace, results_dir=tmp_path / "results")
-    metrics = run_stage("matching", ctx).metrics
+    workspace = _match_weak(sparse_workspace, demo_scene, tmp_path)
+    metrics = read_metrics(workspace, "matching")
     if well_connected == 0:
         assert metrics["guided_pairs"] == 0
         assert matching.poorly_connected(workspace / "matching" / "database.db") == set()
