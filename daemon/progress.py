@@ -17,12 +17,17 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds") if ts else None
 
 
+def reads_stages(job: Any) -> bool:
+    """Whether job_progress needs the job's stage rows (a succeeded job's does not)."""
+    return bool(job.state != JobState.SUCCEEDED.value)
+
+
 def job_progress(job: Any, stages: Sequence[Any]) -> float:
     """A job's overall progress in [0, 1]: each stage counts by its weight in
     pipeline.stages.STAGE_WEIGHTS (1 for a stage missing there); a done stage counts
     fully, a running one by its own progress, the others not at all. A succeeded job is
     complete whatever its stage rows say (a retry from a later stage leaves earlier rows)."""
-    if job.state == JobState.SUCCEEDED.value:
+    if not reads_stages(job):
         return 1.0
     total = sum(STAGE_WEIGHTS.get(s.name, 1) for s in stages) or 1
     done = 0.0

@@ -23,6 +23,7 @@ from daemon.cli.app import (
     open_listing,
     resolve,
 )
+from daemon.progress import reads_stages
 from daemon.states import ACTIVE, TERMINAL, JobState
 from pipeline import FORMATS, STAGES
 
@@ -64,6 +65,8 @@ def run(
 
 
 Snapshot = tuple[list[Any], dict[str, list[Any]], dict[str, list[str]]]
+# jobs: read the rows of more than this many in one scan of the table rather than by id
+SCAN_FROM = 5000
 
 
 def read_jobs(
@@ -82,8 +85,11 @@ def read_jobs(
         recent = listing.list_jobs(states=[s.value for s in TERMINAL], limit=10)
         jobs = active + recent
     ids = [j.id for j in jobs]
-    stages = listing.stages_for(ids, every=len(ids) > 500, brief=brief)
-    exports = {} if brief else listing.export_paths(ids, every=len(ids) >= 500)
+    # a listing shows only the progress of each job, which a succeeded job's stages do not
+    # change: read the stages of the others (most of a big ledger has succeeded)
+    wanted = [j.id for j in jobs if reads_stages(j)] if brief else ids
+    stages = listing.stages_for(wanted, every=len(wanted) > SCAN_FROM, brief=brief)
+    exports = {} if brief else listing.export_paths(ids, every=len(ids) > SCAN_FROM)
     return jobs, stages, exports
 
 

@@ -129,7 +129,7 @@ def jobs_listing(
     now = time.time()
     rows = [LISTING_COLUMNS, *(job_row(job, stages.get(job.id, []), now) for job in jobs)]
     rows = [tuple(_printable(cell) for cell in row) for row in rows]
-    lengths = [[cell_len(cell) for cell in row] for row in rows]
+    lengths = [[len(cell) if cell.isascii() else cell_len(cell) for cell in row] for row in rows]
     widths = [max(column) + 2 for column in zip(*lengths, strict=True)]
     system = COLOR_SYSTEMS.get(color_system or "")
 

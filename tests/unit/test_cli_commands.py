@@ -105,3 +105,47 @@ def test_logs_without_a_job_log_prints_the_ledger_events(home: Path) -> None:
     res = runner.invoke(app, ["--home", str(home), "logs", "alpha"])
     assert res.exit_code == 0, res.output
     assert "queued: job" in res.stdout and "project alpha" in res.stdout
+
+
+def test_a_listing_reads_stages_only_for_jobs_that_have_not_succeeded(home: Path) -> None:
+    """A succeeded job is 100 % whatever its stage rows say: `status --all` reads the
+    stages of the other jobs only, and still shows every job's progress."""
+    from daemon.cli.commands import read_jobs
+    from daemon.listing import Listing
+    from pipeline import STAGES
+
+    url = f"sqlite:///{home / 'jobs.db'}"
+    ledger = Ledger.open(url)
+    done = ledger.create_job(
+        project="beta", spec={"project": "beta"}, request_hash="b", request_name="b.toml"
+    ).id
+    (alpha,) = [j.id for j in ledger.list_jobs() if j.project == "alpha"]
+    job = ledger.claim_next("host:1:x")
+    assert job is not None and job.id == alpha  # the older job first
+    ledger.stage_finished(
+        alpha, STAGES[0], metrics={}, device="cpu", peak_rss_mb=None, token=job.lease_token
+    )
+    job = ledger.claim_next("host:1:y")
+    assert job is not None and job.id == done
+    for name in STAGES:
+        ledger.stage_finished(
+            done,
+            name,
+            metrics={},
+            device="cpu",
+            peak_rss_mb=None,
+            last=name == STAGES[-1],
+            token=job.lease_token,
+        )
+    ledger.close()
+    listing = Listing.open(url)
+    _, brief, _ = read_jobs(listing, None, None, every=True, brief=True)
+    assert set(brief) == {alpha} and len(brief[alpha]) == len(STAGES)
+    _, full, _ = read_jobs(listing, None, None, every=True)
+    assert set(full) == {alpha, done}
+    listing.close()
+    res = runner.invoke(app, ["--home", str(home), "status", "--all"])
+    assert res.exit_code == 0, res.output
+    rows = {line.split()[1]: line for line in res.output.splitlines()[1:]}
+    assert "100.0%" in rows["beta"] and "succeeded" in rows["beta"]
+    assert "running" in rows["alpha"] and "100.0%" not in rows["alpha"]
