@@ -220,7 +220,7 @@ def match_pairs(
     share = len(cheap) / max(1, len(pairs))
     _match_blocks(ctx, db_path, dev, cheap, guided, 0.0, share, what="matched (guided)")
     _match_blocks(ctx, db_path, dev, costly, matching_options(ctx, guided=False), share, 0.9)
-    weak = weak_pairs(db_path, costly, poorly_connected(db_path))
+    weak = weak_pairs(costly, pair_inliers(db_path))
     if weak:
         forget_pairs(db_path, weak)
         _match_blocks(ctx, db_path, dev, weak, guided, 0.9, 1.0, what="guided matching")
@@ -274,46 +274,48 @@ def _match_blocks(
     block_file.unlink(missing_ok=True)
 
 
-def poorly_connected(db_path: Path) -> set[str]:
-    """The photos with fewer than WELL_CONNECTED strong pairs (verified with GUIDED_BELOW
-    inliers or more) in the database."""
+def pair_inliers(db_path: Path) -> dict[tuple[str, str], int]:
+    """Inliers of every pair with a verified geometry in the database, by the pair's
+    photo names (in name order)."""
     db = pycolmap.Database.open(db_path)
     try:
         names = {image.image_id: image.name for image in db.read_all_images()}
         pair_ids, geometries = db.read_two_view_geometries()
     finally:
         db.close()
-    strong = dict.fromkeys(names.values(), 0)
+    out: dict[tuple[str, str], int] = {}
     for pair_id, geometry in zip(pair_ids, geometries, strict=True):
-        if len(geometry.inlier_matches) >= GUIDED_BELOW:
-            for image_id in pycolmap.pair_id_to_image_pair(pair_id):
-                strong[names[image_id]] += 1
+        a, b = sorted(names[i] for i in pycolmap.pair_id_to_image_pair(pair_id))
+        out[(a, b)] = len(geometry.inlier_matches)
+    return out
+
+
+def poorly_connected(inliers: dict[tuple[str, str], int]) -> set[str]:
+    """The photos with fewer than WELL_CONNECTED strong pairs (verified with GUIDED_BELOW
+    inliers or more), of those in `inliers` (see pair_inliers)."""
+    strong = dict.fromkeys((name for pair in inliers for name in pair), 0)
+    for pair, n in inliers.items():
+        if n >= GUIDED_BELOW:
+            for name in pair:
+                strong[name] += 1
     return {name for name, n in strong.items() if n < WELL_CONNECTED}
 
 
 def weak_pairs(
-    db_path: Path, pairs: list[tuple[str, str]], poorly: set[str]
+    pairs: list[tuple[str, str]], inliers: dict[tuple[str, str], int]
 ) -> list[tuple[str, str]]:
-    """Pairs whose verified geometry holds fewer than GUIDED_BELOW inliers, but at least
-    one, and which show a `poorly` connected photo: those are the pairs guided matching
-    helps. A pair with no geometry at all gains nothing from it (guided matching searches
-    along the geometry verification found), a pair with many inliers needs no more, and
-    two well-connected photos are placed without it."""
-    db = pycolmap.Database.open(db_path)
-    try:
-        ids = {image.name: image.image_id for image in db.read_all_images()}
-        weak = []
-        for a, b in pairs:
-            if a not in poorly and b not in poorly:
-                continue
-            if not db.exists_two_view_geometry(ids[a], ids[b]):
-                continue
-            inliers = len(db.read_two_view_geometry(ids[a], ids[b]).inlier_matches)
-            if 0 < inliers < GUIDED_BELOW:
-                weak.append((a, b))
-        return weak
-    finally:
-        db.close()
+    """Of `pairs`, those verified with fewer than GUIDED_BELOW inliers, but at least one,
+    that show a poorly connected photo: those are the pairs guided matching helps. A pair
+    with no geometry at all gains nothing from it (guided matching searches along the
+    geometry verification found), a pair with many inliers needs no more, and two
+    well-connected photos are placed without it."""
+    poorly = poorly_connected(inliers)
+    return [
+        (a, b)
+        for a, b in pairs
+        if (a in poorly or b in poorly)
+        and 0 < inliers.get((min(a, b), max(a, b)), 0) < GUIDED_BELOW
+    ]
 
 
 def forget_pairs(db_path: Path, pairs: list[tuple[str, str]]) -> None:
@@ -364,12 +366,7 @@ def image_names(db_path: Path) -> list[str]:
 
 def count_verified(db_path: Path) -> int:
     """Pairs whose verified geometry has inliers."""
-    db = pycolmap.Database.open(db_path)
-    try:
-        _pair_ids, geometries = db.read_two_view_geometries()
-    finally:
-        db.close()
-    return sum(1 for g in geometries if len(g.inlier_matches) > 0)
+    return sum(1 for n in pair_inliers(db_path).values() if n > 0)
 
 
 def run(ctx: StageContext) -> StageResult:
