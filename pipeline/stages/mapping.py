@@ -104,8 +104,8 @@ def map_images(
     places more photos wins."""
     mapper = auto_mapper(total) if settings.mapper == "auto" else settings.mapper
     if mapper == "global":
-        glob = _largest(_global(ctx, db_path, image_dir, _scratch(folder, "models-global"), total))
-        glob.mapper = "global"
+        models = _global(ctx, db_path, image_dir, _scratch(folder, "models-global"), total)
+        glob = _largest(models, mapper="global")
         if settings.mapper == "global" or glob.registered >= total:
             return glob
         ctx.log.info(
@@ -148,9 +148,9 @@ def _scratch(folder: Path, name: str) -> Path:
     return path
 
 
-def _largest(models: Models, distortion: str = "refined") -> Mapped:
+def _largest(models: Models, distortion: str = "refined", mapper: str = "incremental") -> Mapped:
     best = max(models.values(), key=lambda r: r.num_reg_images(), default=None)
-    return Mapped(models, best, distortion)
+    return Mapped(models, best, distortion, mapper)
 
 
 def model_metrics(best: pycolmap.Reconstruction, all_names: list[str]) -> dict[str, Any]:

@@ -103,6 +103,16 @@ def _copy_images(demo_scene: Path, dest: Path, count: int) -> list[Path]:
     return [Path(shutil.copy(src, dest / src.name)) for src in sources]
 
 
+def _unrelated_photos(folder: Path, count: int, seed: int) -> None:
+    """`unrelated_<i>.jpg`: smooth noise, nothing in which matches any other photo."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        noise = rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8)
+        Image.fromarray(noise).resize((640, 480), Image.Resampling.BICUBIC).save(
+            folder / f"unrelated_{i}.jpg"
+        )
+
+
 def test_ingest_rejects_a_corrupt_image_naming_it(
     demo_scene: Path, tmp_path: Path, stage_context: MakeContext
 ) -> None:
@@ -204,12 +214,7 @@ def test_mapping_fails_clearly_when_too_few_images_register(
 ) -> None:
     images = tmp_path / "photos"
     _copy_images(demo_scene, images, 3)
-    rng = np.random.default_rng(1)
-    for i in range(4):  # unrelated photos: nothing in them matches the others
-        noise = rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8)
-        Image.fromarray(noise).resize((640, 480), Image.Resampling.BICUBIC).save(
-            images / f"unrelated_{i}.jpg"
-        )
+    _unrelated_photos(images, 4, seed=1)
     workspace = tmp_path / "ws"
     for name in ("ingest", "features", "matching"):
         run_stage(name, stage_context(workspace, images))
@@ -250,12 +255,7 @@ def test_auto_maps_globally_and_incrementally_when_photos_stay_out(
     mapping runs too, and the model that places more photos is kept (global on a tie)."""
     images = tmp_path / "photos"
     _copy_images(demo_scene, images, len(ground_truth["images"]))
-    rng = np.random.default_rng(2)
-    for i in range(2):
-        noise = rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8)
-        Image.fromarray(noise).resize((640, 480), Image.Resampling.BICUBIC).save(
-            images / f"unrelated_{i}.jpg"
-        )
+    _unrelated_photos(images, 2, seed=2)
     workspace = tmp_path / "ws"
     for name in ("ingest", "features", "matching"):
         run_stage(name, stage_context(workspace, images))
@@ -410,7 +410,8 @@ def test_weak_pairs_are_matched_guided_only_for_poorly_connected_photos(
     metrics = read_metrics(workspace, "matching")
     if well_connected == 0:
         assert metrics["guided_pairs"] == 0
-        assert matching.poorly_connected(workspace / "matching" / "database.db") == set()
+        inliers = matching.pair_inliers(workspace / "matching" / "database.db")
+        assert matching.poorly_connected(inliers) == set()
     else:
         margin = max(2, len(weak_before) // 10)  # verification is not bit-stable (threads)
         assert abs(metrics["guided_pairs"] - len(weak_before)) <= margin, metrics
