@@ -233,7 +233,8 @@ def daemon_section(d: dict[str, Any]) -> str:
 
 def scaling_section(d: dict[str, Any]) -> str:
     out = [
-        f"## Scaling\n\nDemo scene {d['size'][0]}x{d['size'][1]} at "
+        f"## Scaling\n\nDemo scene ({d.get('variant', 'easy')} variant) "
+        f"{d['size'][0]}x{d['size'][1]} at "
         f"{', '.join(map(str, d['counts']))} images; seconds per stage (each in its own "
         "process), peak RSS of the largest stage.\n"
     ]

@@ -21,7 +21,7 @@ from pipeline.stages import texture as texturing
 from pipeline.stages._workspace import record
 
 HELD_OUT = ("view_004.jpg", "view_011.jpg")
-MIN_GAIN_DB = 2.0  # textured over vertex-coloured, mean over the held-out views (measured 2.5-3.0)
+MIN_GAIN_DB = 2.3  # textured over vertex-coloured, mean over the held-out views (measured 2.6-3.0)
 
 
 def _context(workspace: Path, images: Path, **options: Any) -> StageContext:
@@ -173,6 +173,61 @@ def _scratch(src: Path, dst: Path) -> Path:
 def _no_texture_published(workspace: Path) -> None:
     assert not (workspace / "texture").exists()
     assert not list(workspace.glob(".texture*"))
+
+
+# a passer-by: a figure in yellow and blue stripes (colours the demo scene does not have;
+# stripes of light and dark, so that the photo is sharp there and the data term favours it)
+PASSER_BY = np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _passer_by_share(workspace: Path, name: str, disc: np.ndarray) -> float:
+    """Of the pixels inside `disc` that the textured mesh covers, seen from photo `name`'s
+    camera, the share that came out in the passer-by's colours."""
+    view = next(v for v in texturing.load_views(workspace / "undistort") if v.name == name)
+    mesh, texture = texturing.load_textured(workspace / "texture")
+    image, covered = texturing.render(
+        mesh["vertices"], mesh["faces"], view.K, view.R, view.t, view.width, view.height,
+        uv=mesh["uv"], texture=texture,
+    )  # fmt: skip
+    inside = covered & disc
+    assert inside.sum() > 1000  # the figure stands in front of the object
+    distance = np.linalg.norm(image[:, :, None, :] - PASSER_BY, axis=3).min(axis=2)
+    return float((distance < 0.45)[inside].mean())
+
+
+def test_a_passer_by_in_one_photo_stays_out_of_the_texture(
+    held_out_job: tuple[Path, dict[str, StageResult]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A figure painted into the middle of one photo, where that photo is the best view
+    of the object: the photometric check drops that photo for the faces the figure hides,
+    so the texture shows the object there, as the other photos do. Without the check the
+    figure is baked in (the check's effect, so the test can fail)."""
+    name = "view_000.jpg"
+    shares = {}
+    for check in (True, False):
+        workspace = _scratch(held_out_job[0], tmp_path / f"ws-{check}")
+        path = workspace / "undistort" / "images" / name
+        with Image.open(path) as im:
+            photo = np.asarray(im.convert("RGB")).copy()
+        h, w = photo.shape[:2]
+        yy, xx = np.mgrid[:h, :w]
+        disc = (xx - w / 2) ** 2 + (yy - h / 2) ** 2 < (0.15 * h) ** 2
+        stripe = (xx // 4) % 2
+        photo[disc] = (PASSER_BY[stripe[disc]] * 255).astype(np.uint8)
+        Image.fromarray(photo).save(path, quality=95)
+        if not check:
+            monkeypatch.setattr(
+                texturing,
+                "photometric_outliers",
+                lambda seen, n: [np.zeros(len(s.faces), bool) for s in seen],
+            )
+        result = run_stage("texture", _context(workspace, tmp_path))
+        shares[check] = _passer_by_share(workspace, name, disc)
+        print(f"check {check}: {shares[check]:.3f} of the figure baked in, {result.metrics}")
+    assert shares[False] > 0.5  # the photo is the one the faces behind the figure take
+    assert shares[True] < 0.02
 
 
 def test_a_photo_missing_from_the_workspace_is_a_clear_error(
@@ -334,12 +389,13 @@ def test_the_glb_passes_the_khronos_gltf_validator(
 # ---------------------------------------------------------------- real photos
 
 CASTEL_HELD_OUT = (9, 15, 21)  # odd frames: the job (tests/pipeline/conftest.py) took the even
-# Measured: textured 23.1-23.2 dB against vertex colours 22.8-23.0 dB (a flat colour 13.3-13.4);
-# PSNR gain 0.08-0.47 dB (mean 0.27), SSIM 0.81 against 0.75 (gain 0.051-0.064).
-MIN_CASTEL_PSNR_DB = 22.5
-MIN_CASTEL_MEAN_GAIN_DB = 0.1
-MIN_CASTEL_SSIM_GAIN = 0.04
-TARGET_CASTEL_GAIN_DB = 1.5  # what the textured export should reach
+# Measured: textured 24.4-25.8 dB against vertex colours 22.6-22.9 dB (a flat colour 13.3-13.4);
+# PSNR gain 1.8-3.0 dB (mean 2.5), SSIM 0.84-0.85 against 0.75 (gain 0.083-0.099). Without
+# the photometric check (select.photometric_outliers) the textured scores were 23.1-23.2 dB.
+MIN_CASTEL_PSNR_DB = 24.0
+MIN_CASTEL_MEAN_GAIN_DB = 2.0
+MIN_CASTEL_SSIM_GAIN = 0.07
+TARGET_CASTEL_GAIN_DB = 1.5  # what the textured export must reach (issue: real textures)
 
 
 @pytest.fixture(scope="module")
@@ -388,14 +444,6 @@ def test_left_out_real_photos_are_explained_better_by_the_texture(
     assert min(ssim_gains) >= MIN_CASTEL_SSIM_GAIN, ssim_gains
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not met yet: left-out castel frames, placed in the job's own model, score "
-    "23.1-23.2 dB textured against 22.8-23.0 dB with vertex colours (mean gain 0.27 dB; "
-    "SSIM 0.81 against 0.75). Where the PSNR is lost is not known yet; one suspect is the "
-    "reconstruction's tilt (see test_real_photos), which would misplace sharp texture where "
-    "vertex colours only blur",
-)
 def test_left_out_real_photos_gain_the_target_from_the_texture(
     castel_held_out: dict[str, dict[str, Any]],
 ) -> None:
@@ -420,3 +468,27 @@ def test_potts_labels_smooth_a_noisy_choice_and_respect_what_is_not_seen() -> No
     assert (labels != truth).sum() < 10
     assert np.count_nonzero(np.diff(labels)) < 6  # a few patches, not hundreds
     assert labels[10] != 0 and not (labels == 2).any()
+
+
+def test_photometric_outliers_level_exposure_then_drop_the_odd_photo_out() -> None:
+    """Five photos of 300 faces: photo 1 is a stop darker and photo 2 warmer (exposure and
+    white balance), which levelling forgives; photo 3 shows something else on faces
+    0-49 (a passer-by). Faces seen by two photos only are never judged."""
+    from pipeline.stages.texture.select import Seen
+
+    rng = np.random.default_rng(1)
+    n = 300
+    truth = rng.uniform(0.2, 0.8, (n, 3))
+    gains = np.array([[1, 1, 1], [0.5, 0.5, 0.5], [1.2, 1.0, 0.8], [1, 1, 1], [1, 1, 1]])
+    seen = []
+    for k, gain in enumerate(gains):
+        faces = np.arange(n) if k < 3 else np.arange(200 if k == 4 else n)
+        colour = np.clip(truth[faces] * gain + rng.normal(0, 0.01, (len(faces), 3)), 0, 1)
+        if k == 3:
+            colour[:50] = [1.0, 0.0, 1.0]
+        seen.append(Seen(faces, np.ones(len(faces)), colour))
+    seen.append(Seen(np.array([n, n + 1]), np.ones(2), np.array([[0.0, 0, 0], [1, 1, 1]])))
+    seen.append(Seen(np.array([n, n + 1]), np.ones(2), np.array([[1.0, 1, 1], [0, 0, 0]])))
+    outliers = texturing.photometric_outliers(seen, n + 2)
+    assert [int(o.sum()) for o in outliers] == [0, 0, 0, 50, 0, 0, 0]
+    assert outliers[3][:50].all()

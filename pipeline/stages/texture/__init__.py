@@ -11,6 +11,8 @@ mvs-texturing (Waechter et al. 2014, "Let There Be Color!"):
    points near its corners reach it first (open3d RaycastingScene), so a face hidden
    behind another surface never takes that photo. Its data term is the gradient magnitude
    summed over the projected face (mvs-texturing's GMI): close, frontal, sharp views win.
+   A photo whose colour of a face disagrees with what most photos of it show (a
+   passer-by, a highlight: select.photometric_outliers) does not take that face.
 2. labels: one photo per face, from a Potts MRF (data term + a fixed cost wherever two
    neighbouring faces take different photos), solved by min-sum loopy belief propagation
    (numpy/scipy: GCO's graph cuts are research-only and PyMaxflow is GPL; neither fits MIT).
@@ -71,8 +73,10 @@ from pipeline.stages.texture.select import (
     BP_ITERATIONS,
     GRAD_FLOOR,
     MIN_COS,
+    Seen,
     face_adjacency,
     face_visibility,
+    photometric_outliers,
     potts_labels,
 )
 from pipeline.stages.texture.views import (
@@ -96,6 +100,7 @@ __all__ = [
     "ROWS_PER_CHUNK",
     "SMOOTHNESS",
     "STAGE",
+    "Seen",
     "TEXTURE",
     "View",
     "atlas_size_for",
@@ -109,6 +114,7 @@ __all__ = [
     "level_seams",
     "load_textured",
     "load_views",
+    "photometric_outliers",
     "potts_labels",
     "rasterise",
     "render",
@@ -168,8 +174,10 @@ def _texture(
 
     step = Timer()
     seen = _what_each_photo_sees(ctx, vertices, faces, views, threads)
-    timings["visibility_s"] = step.seconds
     _require_seen(seen)
+    outliers = photometric_outliers(seen, len(faces))
+    seen = [s.without(drop) for s, drop in zip(seen, outliers, strict=True)]
+    timings["visibility_s"] = step.seconds
 
     step = Timer()
     labels, pairs = _choose_labels(ctx, faces, views, seen)
@@ -213,6 +221,7 @@ def _texture(
         "charts": charts,
         "views": len(views),
         "views_used": len(used),
+        "outlier_views": int(sum(int(o.sum()) for o in outliers)),
         "faces_textured": textured,
         "faces_vertex_colour": len(faces) - textured,
         "seam_vertices": seam_vertices,
@@ -231,8 +240,8 @@ def _texture(
 
 def _what_each_photo_sees(
     ctx: StageContext, vertices: np.ndarray, faces: np.ndarray, views: list[View], threads: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per photo (in order): the faces it sees and their data term (threads over photos)."""
+) -> list[Seen]:
+    """Per photo (in order): what it sees (threads over photos)."""
     ctx.progress(0.0, f"finding what {len(views)} photos see")
     corners = vertices[faces]
     normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
@@ -245,7 +254,7 @@ def _what_each_photo_sees(
     diag = float(np.linalg.norm(vertices.max(axis=0) - vertices.min(axis=0)))
     tolerance = 1e-3 * diag
     see = partial(_see, ctx, vertices, faces, normals, scene, tolerance)
-    seen: list[tuple[np.ndarray, np.ndarray]] = []
+    seen: list[Seen] = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for k, found in enumerate(pool.map(see, views)):
             seen.append(found)
@@ -262,14 +271,15 @@ def _see(
     scene: o3d.t.geometry.RaycastingScene,
     tolerance: float,
     view: View,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> Seen:
     ctx.check_cancelled()
-    gradient = gradient_magnitude(view.load())
-    return face_visibility(view, vertices, faces, normals, scene, gradient, tolerance)
+    image = view.load()
+    gradient = gradient_magnitude(image)
+    return face_visibility(view, vertices, faces, normals, scene, image, gradient, tolerance)
 
 
-def _require_seen(seen: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    if not any(len(f) for f, _ in seen):
+def _require_seen(seen: list[Seen]) -> None:
+    if not any(len(s.faces) for s in seen):
         raise PermanentError(
             "no photo sees the mesh",
             hint="the mesh and the cameras disagree: run meshing and undistort again",
@@ -283,18 +293,18 @@ def _choose_labels(
     ctx: StageContext,
     faces: np.ndarray,
     views: list[View],
-    seen: list[tuple[np.ndarray, np.ndarray]],
+    seen: list[Seen],
 ) -> tuple[np.ndarray, np.ndarray]:
     """(the photo of each face, -1 where none sees it; the pairs of neighbouring faces)."""
     ctx.progress(0.4, "choosing a photo per face")
     n_seen = np.zeros(len(faces), np.int64)
-    for f, _ in seen:
-        n_seen[f] += 1
+    for s in seen:
+        n_seen[s.faces] += 1
     cost = np.full((len(faces), len(views)), np.inf, np.float32)
     best = np.zeros(len(faces))
-    for k, (f, s) in enumerate(seen):
-        cost[f, k] = s
-        best[f] = np.maximum(best[f], s)
+    for k, s in enumerate(seen):
+        cost[s.faces, k] = s.score
+        best[s.faces] = np.maximum(best[s.faces], s.score)
     visible = n_seen > 0
     cost[visible] = 1.0 - cost[visible] / best[visible, None]  # inf stays inf
     pairs = face_adjacency(faces)

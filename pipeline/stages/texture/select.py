@@ -1,9 +1,12 @@
-"""Steps 1 and 2 of the texture stage: what each photo sees (visibility and data term),
-and one photo per face (a Potts MRF solved by loopy belief propagation)."""
+"""Steps 1 and 2 of the texture stage: what each photo sees (visibility, data term and
+the face's colour there), the photos that disagree with the others about a face
+(photometric outliers), and one photo per face (a Potts MRF solved by loopy belief
+propagation)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import open3d as o3d
@@ -14,6 +17,12 @@ from pipeline.stages.texture.views import View, bilinear
 MIN_COS = 0.08  # faces seen more obliquely than ~85 degrees do not take that photo
 GRAD_FLOOR = 0.2  # keeps flat, textureless faces choosing by projected area (measured: 0.02-1.0)
 BP_ITERATIONS = 20
+# photometric outliers (a passer-by, a highlight): a photo whose colour of a face lies
+# further than OUTLIER_SPREAD robust deviations, and at least OUTLIER_DISTANCE (RGB in
+# [0, 1]), from what most photos of the face show, after each photo's exposure is levelled
+OUTLIER_MIN_VIEWS = 3  # a face seen by fewer keeps every photo: no majority to go by
+OUTLIER_SPREAD = 3.0
+OUTLIER_DISTANCE = 0.15
 
 # (weights of the three corners) of the points sampled on a face for the data term
 _SAMPLES = np.array(
@@ -33,16 +42,29 @@ _RAY_SHRINK = 0.8  # visibility samples: the centre and corners pulled this far 
 # ---------------------------------------------------------------- step 1: what each view sees
 
 
+class Seen(NamedTuple):
+    """What one photo sees of the mesh."""
+
+    faces: np.ndarray  # (k,) indices of the faces it sees
+    score: np.ndarray  # (k,) their data term
+    colour: np.ndarray  # (k, 3) their mean colour in the photo, RGB in [0, 1]
+
+    def without(self, drop: np.ndarray) -> Seen:
+        keep = ~drop
+        return Seen(self.faces[keep], self.score[keep], self.colour[keep])
+
+
 def face_visibility(
     view: View,
     vertices: np.ndarray,
     faces: np.ndarray,
     normals: np.ndarray,
     scene: o3d.t.geometry.RaycastingScene,
+    image: np.ndarray,
     gradient: np.ndarray,
     tolerance: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(faces this view sees, their data term)."""
+) -> Seen:
+    """What `view` (its photo `image`, whose gradient magnitude is `gradient`) sees."""
     xy, z = view.project(vertices)
     tri_xy = xy[faces]  # (m, 3, 2)
     tri_z = z[faces]
@@ -60,7 +82,7 @@ def face_visibility(
     cos = np.einsum("ij,ij->i", normals, to_cam) / np.maximum(dist, 1e-12)
     cand = np.flatnonzero(inside & (cos > MIN_COS))
     if len(cand) == 0:
-        return cand, np.zeros(0)
+        return Seen(cand, np.zeros(0), np.zeros((0, 3)))
     c = centres[cand]
     samples = np.concatenate(
         [c[:, None, :], c[:, None, :] + _RAY_SHRINK * (corners[cand] - c[:, None, :])], axis=1
@@ -82,7 +104,58 @@ def face_visibility(
     )
     sample_xy = np.einsum("sk,mkd->msd", _SAMPLES, txy).reshape(-1, 2)
     grad = bilinear(gradient, sample_xy).reshape(len(seen), len(_SAMPLES)).mean(axis=1)
-    return seen, area * (grad + GRAD_FLOOR)
+    colour = bilinear(image, sample_xy).reshape(len(seen), len(_SAMPLES), 3).mean(axis=1)
+    return Seen(seen, area * (grad + GRAD_FLOOR), colour)
+
+
+def photometric_outliers(seen: list[Seen], n_faces: int) -> list[np.ndarray]:
+    """Per photo, a mask over the faces it sees: True where its colour of the face is an
+    outlier among the photos of that face (a passer-by, a car, a specular highlight), as
+    mvs-texturing's and OpenMVS's photometric consistency checks drop such views.
+
+    Each photo's exposure is levelled first (per channel, its median ratio to the faces'
+    median colours), so that a darker photo is not taken for an outlier. Then, per face
+    seen by at least OUTLIER_MIN_VIEWS photos, the median colour over its photos and the
+    median distance to it: a photo further than OUTLIER_SPREAD times that spread (as a
+    standard deviation) and than OUTLIER_DISTANCE is an outlier. A face keeps every photo
+    if all of them would be outliers."""
+    counts = [len(s.faces) for s in seen]
+    if not sum(counts):
+        return [np.zeros(0, bool) for _ in seen]
+    face = np.concatenate([s.faces for s in seen])
+    view = np.repeat(np.arange(len(seen)), counts)
+    colour = np.concatenate([s.colour for s in seen]).astype(np.float64)
+    per_face = np.bincount(face, minlength=n_faces)
+    judged = per_face[face] >= OUTLIER_MIN_VIEWS
+    centre = np.stack([_group_median(face, colour[:, c], n_faces) for c in range(3)], axis=1)
+    # each photo's exposure against the faces' medians, where a face gives a stable ratio
+    ratio = colour / np.maximum(centre[face], 1e-6)
+    stable = judged & (centre[face] > 0.05).all(axis=1)
+    gain = np.ones((len(seen), 3))
+    if stable.any():
+        for c in range(3):
+            g = _group_median(view[stable], ratio[stable, c], len(seen))
+            gain[:, c] = np.where(np.isfinite(g) & (g > 0), g, 1.0)
+    levelled = colour / gain[view]
+    centre = np.stack([_group_median(face, levelled[:, c], n_faces) for c in range(3)], axis=1)
+    distance = np.linalg.norm(levelled - centre[face], axis=1)
+    spread = 1.4826 * _group_median(face, distance, n_faces)  # the MAD as a deviation
+    limit = np.maximum(OUTLIER_SPREAD * spread, OUTLIER_DISTANCE)
+    outlier = judged & (distance > limit[face])
+    kept = np.bincount(face[~outlier], minlength=n_faces)
+    outlier &= kept[face] > 0
+    return np.split(outlier, np.cumsum(counts)[:-1])
+
+
+def _group_median(groups: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarray:
+    """The (lower) median of `values` per group id in [0, n_groups); NaN for an empty one."""
+    order = np.lexsort((values, groups))
+    count = np.bincount(groups, minlength=n_groups)
+    start = np.cumsum(count) - count
+    out = np.full(n_groups, np.nan)
+    has = count > 0
+    out[has] = values[order][start[has] + (count[has] - 1) // 2]
+    return out
 
 
 # ---------------------------------------------------------------- step 2: one photo per face
