@@ -67,6 +67,11 @@ WELL_CONNECTED = 4  # strong pairs: a photo with this many gains nothing from gu
 # keypoints x keypoints: pairs up to this are matched guided at once (~0.5 s a pair on 2
 # cores); guided matching costs ~20x plain matching at 8,000 x 8,000
 GUIDED_CHEAP = 2500 * 2500
+# CPU guided matching holds a keypoints x keypoints matrix per pair and thread: measured
+# 1,412 MB for one pair of 10,000 x 10,000 (the hard demo variant at 1600 px), 2,761 MB
+# for the stage with two threads. Threads for guided matching are capped to fit this.
+GUIDED_BYTES_PER_ENTRY = 14
+GUIDED_MEMORY_MB = 1600
 RETRIEVED = 20  # images retrieved per image by the vocabulary tree
 RETRIEVAL_FEATURES = 1000  # strongest features per image used to retrieve and re-rank
 TREE_SAMPLES_PER_IMAGE = 2000  # descriptors per image the tree is built from,
@@ -215,7 +220,8 @@ def match_pairs(
         options = matching_options(ctx, guided=mode == "on")
         _match_blocks(ctx, db_path, dev, pairs, options, 0.0, 1.0)
         return list(pairs) if mode == "on" else []
-    cheap, costly = split_by_cost(db_path, pairs)
+    counts = keypoint_counts(db_path)
+    cheap, costly = split_by_cost(counts, pairs)
     guided = matching_options(ctx, guided=True)
     share = len(cheap) / max(1, len(pairs))
     _match_blocks(ctx, db_path, dev, cheap, guided, 0.0, share, what="matched (guided)")
@@ -223,22 +229,35 @@ def match_pairs(
     weak = weak_pairs(costly, pair_inliers(db_path))
     if weak:
         forget_pairs(db_path, weak)
-        _match_blocks(ctx, db_path, dev, weak, guided, 0.9, 1.0, what="guided matching")
+        largest = max(counts[a] * counts[b] for a, b in weak)
+        options = matching_options(ctx, guided=True, threads=guided_threads(ctx, largest))
+        _match_blocks(ctx, db_path, dev, weak, options, 0.9, 1.0, what="guided matching")
     ctx.progress(1.0, f"matched {len(pairs)} pairs, {len(cheap) + len(weak)} of them guided")
     return cheap + weak
 
 
+def keypoint_counts(db_path: Path) -> dict[str, int]:
+    db = pycolmap.Database.open(db_path)
+    try:
+        return {im.name: db.num_keypoints_for_image(im.image_id) for im in db.read_all_images()}
+    finally:
+        db.close()
+
+
+def guided_threads(ctx: StageContext, entries: int) -> int:
+    """Threads for guided matching of pairs whose keypoint counts multiply to at most
+    `entries`: as many as the stage has, as long as their matrices fit GUIDED_MEMORY_MB
+    (at least one)."""
+    per_pair_mb = GUIDED_BYTES_PER_ENTRY * entries / 2**20
+    return max(1, min(thread_count(ctx), int(GUIDED_MEMORY_MB // max(per_pair_mb, 1e-9))))
+
+
 def split_by_cost(
-    db_path: Path, pairs: list[tuple[str, str]]
+    counts: dict[str, int], pairs: list[tuple[str, str]]
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """The pairs cheap to match guided (their keypoint counts multiply to at most
     GUIDED_CHEAP: CPU guided matching compares every keypoint with every other), and the
     rest."""
-    db = pycolmap.Database.open(db_path)
-    try:
-        counts = {im.name: db.num_keypoints_for_image(im.image_id) for im in db.read_all_images()}
-    finally:
-        db.close()
     cheap = [(a, b) for a, b in pairs if counts[a] * counts[b] <= GUIDED_CHEAP]
     chosen = set(cheap)
     return cheap, [pair for pair in pairs if pair not in chosen]
@@ -349,9 +368,11 @@ def _match(
     )
 
 
-def matching_options(ctx: StageContext, guided: bool) -> pycolmap.FeatureMatchingOptions:
+def matching_options(
+    ctx: StageContext, guided: bool, threads: int | None = None
+) -> pycolmap.FeatureMatchingOptions:
     options = pycolmap.FeatureMatchingOptions()
-    options.num_threads = thread_count(ctx)
+    options.num_threads = thread_count(ctx) if threads is None else threads
     options.guided_matching = guided
     return options
 

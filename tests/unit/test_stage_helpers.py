@@ -75,3 +75,15 @@ def test_parallel_stops_on_cancel(tmp_path: Path) -> None:
     with pytest.raises(Cancelled):
         parallel(ctx, range(100), work, 2, lambda done: None)
     assert 0 < len(started) <= 8  # the first few, not the other ~90
+
+
+def test_guided_matching_threads_fit_its_memory(tmp_path: Path) -> None:
+    """Guided matching of 10,000-keypoint photos (~1.4 GB a pair) runs one pair at a time
+    however many cores the stage has; small photos use every core."""
+    from pipeline.stages.matching import guided_threads
+
+    ctx = _ctx(tmp_path, threads=16)
+    assert guided_threads(ctx, 10_000 * 10_000) == 1
+    assert guided_threads(ctx, 2500 * 2500) == 16
+    assert guided_threads(_ctx(tmp_path, threads=2), 5000 * 5000) == 2
+    assert 2 < guided_threads(ctx, 6000 * 6000) < 16
