@@ -19,7 +19,7 @@ def iso(ts: float | None) -> str | None:
 
 def reads_stages(job: Any) -> bool:
     """Whether job_progress needs the job's stage rows (a succeeded job's does not)."""
-    return bool(job.state != JobState.SUCCEEDED.value)
+    return bool(job.state != JobState.SUCCEEDED)
 
 
 def job_progress(job: Any, stages: Sequence[Any]) -> float:
@@ -33,9 +33,9 @@ def job_progress(job: Any, stages: Sequence[Any]) -> float:
     done = 0.0
     for s in stages:
         w = STAGE_WEIGHTS.get(s.name, 1)
-        if s.state == StageState.DONE.value:
+        if s.state == StageState.DONE:
             done += w
-        elif s.state == StageState.RUNNING.value:
+        elif s.state == StageState.RUNNING:
             done += w * s.progress
     return done / total
 
@@ -43,7 +43,7 @@ def job_progress(job: Any, stages: Sequence[Any]) -> float:
 def seconds_left(job: Any, progress: float, now: float) -> float | None:
     """Time left, extrapolated from the time spent so far; None unless the job runs and
     has made enough progress (over 2 %) for the guess to mean something."""
-    if job.state != JobState.RUNNING.value or not job.started_at or progress <= 0.02:
+    if job.state != JobState.RUNNING or not job.started_at or progress <= 0.02:
         return None
     elapsed = now - job.started_at
     return elapsed * (1 - progress) / progress

@@ -74,15 +74,15 @@ def read_jobs(
 ) -> Snapshot:
     """The jobs `status` shows, with their stages and export paths: those `ref` names;
     else every job (`every`); else the active ones and the ten most recent finished.
-    brief: only what the listing shows (the stages' progress, see Listing.stages_for; no
+    brief: only what the listing shows (see Listing.list_jobs and Listing.stages_for; no
     exports)."""
     if ledger is not None and ref:
         jobs = resolve(ledger, ref)
     elif every:
-        jobs = listing.list_jobs()
+        jobs = listing.list_jobs(brief=brief)
     else:
-        active = listing.list_jobs(states=[s.value for s in ACTIVE])
-        recent = listing.list_jobs(states=[s.value for s in TERMINAL], limit=10)
+        active = listing.list_jobs(states=[s.value for s in ACTIVE], brief=brief)
+        recent = listing.list_jobs(states=[s.value for s in TERMINAL], limit=10, brief=brief)
         jobs = active + recent
     ids = [j.id for j in jobs]
     # a listing shows only the progress of each job, which a succeeded job's stages do not

@@ -96,9 +96,9 @@ def job_row(job: Any, stages: list[Any], now: float) -> tuple[str, ...]:
     end = job.finished_at or now
     elapsed = end - job.started_at if job.started_at else None
     note = job.error or ""
-    if job.state == JobState.WAITING.value and job.next_attempt_at:
+    if job.state == JobState.WAITING and job.next_attempt_at:
         note = f"retry in {max(0, int(job.next_attempt_at - now))} s; {note}"
-    if job.cancel_requested and job.state == JobState.RUNNING.value:
+    if job.cancel_requested and job.state == JobState.RUNNING:
         note = "cancelling"
     return (
         job.id,

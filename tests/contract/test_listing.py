@@ -14,7 +14,7 @@ import pytest
 
 from daemon.ledger import ExportRecord, Ledger
 from daemon.ledgerfile import LedgerError
-from daemon.listing import Listing
+from daemon.listing import BRIEF_JOB_COLUMNS, Listing
 from daemon.models import Event
 from pipeline import STAGES
 
@@ -60,6 +60,8 @@ def test_list_jobs_newest_first_by_state_and_limit(ledger: Ledger, listing: List
     assert listing.list_jobs(states=["running"]) == []
     row = listing.list_jobs(limit=1)[0]
     assert (row.project, row.state, row.attempts, row.spec["job_id"]) == ("c", "queued", 0, c)
+    brief = listing.list_jobs(limit=1, brief=True)[0]  # what the listing shows, no spec
+    assert brief._fields == BRIEF_JOB_COLUMNS and (brief.id, brief.state) == (c, "queued")
 
 
 def test_stages_for_lists_each_jobs_stages_in_order(ledger: Ledger, listing: Listing) -> None:
