@@ -76,7 +76,8 @@ def pipeline_section(d: dict[str, Any]) -> str:
     rows.append(["F-score (1 %)"] + [r["fscore"] for r in runs] + blank)
     r0 = runs[0]
     return (
-        f"## Per-stage time and peak memory\n\nDemo scene, {r0['images']} images "
+        f"## Per-stage time and peak memory\n\nDemo scene ({r0.get('variant', 'easy')} "
+        f"variant), {r0['images']} images "
         f"{r0['size'][0]}x{r0['size'][1]}, each stage in its own process (peak RSS = that "
         "process's VmHWM, imports included; cores = the stage's CPU seconds over its wall "
         f"seconds, of {d['machine']['cpus']}).\n\n{_table(head, rows)}\n\n{_meta(d)}\n"
