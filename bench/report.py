@@ -603,6 +603,17 @@ TARGETS: tuple[Target, ...] = (
             else None
         ),
     ),
+    Target(
+        "texture",
+        "texture stage's share of the job's time, castel photos, medium",
+        "<= 20 %",
+        "issue 10 (real textures): texturing must not make the wait much longer",
+        lambda d: (
+            _at_most(100 * d["castel"]["texture_share"], 20.0, " %", digits=0)
+            if d["quality"] == "medium" and "castel" in d
+            else None
+        ),
+    ),
 )
 
 
@@ -674,7 +685,19 @@ def texture_section(d: dict[str, Any]) -> str:
         f"({100 * d['texture_share']:.0f} %), peak "
         f"{d['stages']['texture'].get('peak_rss_mb', 0):.0f} MB; {t['faces']} faces, "
         f"{t['faces_textured']} from photos, {t['charts']} charts, atlas "
-        f"{t['texture_size'][0]}x{t['texture_size'][1]}.{picture}\n\n{_budgets(d)}{_meta(d)}\n"
+        f"{t['texture_size'][0]}x{t['texture_size'][1]}.{_castel_share(d)}{picture}\n\n"
+        f"{_budgets(d)}{_meta(d)}\n"
+    )
+
+
+def _castel_share(d: dict[str, Any]) -> str:
+    c = d.get("castel")
+    if not c:
+        return ""
+    return (
+        f" On the castel photos ({c['images']} frames, the same preset): texture stage "
+        f"{c['texture_wall_s']:.1f} s of a {c['job_wall_s']:.1f} s job "
+        f"({100 * c['texture_share']:.0f} %)."
     )
 
 
