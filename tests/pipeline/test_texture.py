@@ -226,7 +226,7 @@ def test_a_passer_by_in_one_photo_stays_out_of_the_texture(
         result = run_stage("texture", _context(workspace, tmp_path))
         shares[check] = _passer_by_share(workspace, name, disc)
         print(f"check {check}: {shares[check]:.3f} of the figure baked in, {result.metrics}")
-    assert shares[False] > 0.5  # the photo is the one the faces behind the figure take
+    assert shares[False] > 0.3  # the photo the faces behind the figure take (measured 0.50-0.76)
     assert shares[True] < 0.02
 
 
