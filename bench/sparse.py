@@ -59,6 +59,14 @@ def castel_photos(dest: Path) -> Path:
     return dest
 
 
+def castel_job(dest: Path, quality: str) -> tuple[Path, dict[str, Any]]:
+    """The castel photos (castel_photos, into `dest`) and a job of them at `quality`."""
+    images = castel_photos(dest)
+    spec = spec_json(images.parent, quality)
+    spec["images"] = str(images)
+    return images, spec
+
+
 def colmap_default_commands(images: Path, ws: Path) -> dict[str, list[str]]:
     db = str(ws / "database.db")
     return {
@@ -265,9 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             results["matched"] = matched
         if args.only in (None, "defaults"):
-            images = castel_photos(tmp / "castel")
-            spec = spec_json(images.parent, args.quality)
-            spec["images"] = str(images)
+            images, spec = castel_job(tmp / "castel", args.quality)
             defaults = compare("defaults", images, spec, colmap_default_commands, reps, tmp)
             defaults.update(
                 photos=f"{CASTEL} image_*.pgm, every {CASTEL_STEP}nd frame, as JPEG",
