@@ -23,10 +23,11 @@ from daemon import ledgerfile
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
 
-# what the jobs listing (daemon.cli.render.job_row, daemon.progress) reads of a job row,
-# and what daemon.progress.job_progress reads of a stage row
+# what the jobs listings (daemon.cli.render.job_row and job_json, daemon.progress) read of
+# a job row, and what daemon.progress.job_progress reads of a stage row
 BRIEF_JOB_COLUMNS = (
-    "id", "project", "state", "stage", "error", "cancel_requested",
+    "id", "project", "state", "stage", "attempts", "max_attempts", "priority", "error",
+    "cancel_requested", "worker", "host",
     "created_at", "started_at", "finished_at", "next_attempt_at",
 )  # fmt: skip
 BRIEF_STAGE_COLUMNS = ("job_id", "name", "state", "progress")

@@ -149,27 +149,39 @@ class Home:
         return res
 
     def status(self) -> list[dict[str, Any]]:
+        """The listing: every job, without its stages."""
         out: list[dict[str, Any]] = json.loads(self.cli("status", "--json").stdout)
         return out
 
+    def _listed(self, project: str) -> dict[str, Any] | None:
+        return next((j for j in self.status() if j["project"] == project), None)
+
+    def detail(self, job_id: str) -> dict[str, Any]:
+        """One job in full: its stages and their metrics too."""
+        out: list[dict[str, Any]] = json.loads(self.cli("status", job_id, "--json").stdout)
+        return out[0]
+
     def job(self, project: str) -> dict[str, Any] | None:
-        for j in self.status():
-            if j["project"] == project:
-                return j
-        return None
+        """The newest job of `project`, in full (see detail), or None."""
+        listed = self._listed(project)
+        return self.detail(listed["id"]) if listed else None
 
     def wait_state(self, project: str, *states: str, timeout: float = 30.0) -> dict[str, Any]:
+        """The newest job of `project` once the listing shows it in one of `states`: in
+        full, unless it has left them by the time its detail is read (then as listed)."""
+
         def check() -> dict[str, Any] | None:
-            j = self.job(project)
+            j = self._listed(project)
             return j if j and j["state"] in states else None
 
         try:
-            result: dict[str, Any] = wait_for(check, timeout, 0.2)
+            listed: dict[str, Any] = wait_for(check, timeout, 0.2)
         except AssertionError as exc:
             raise AssertionError(
                 f"{project}: {self.job(project)}\n--- daemon log ---\n{self.log()}"
             ) from exc
-        return result
+        full = self.detail(listed["id"])
+        return full if full["state"] in states else listed
 
     def stage_runs(self, job_id: str) -> list[str]:
         f = self.workspaces / job_id / "stage_runs.log"

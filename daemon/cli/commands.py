@@ -70,12 +70,18 @@ SCAN_FROM = 5000
 
 
 def read_jobs(
-    listing: Any, ledger: Any, ref: str | None, *, every: bool, brief: bool = False
+    listing: Any,
+    ledger: Any,
+    ref: str | None,
+    *,
+    every: bool,
+    brief: bool = False,
+    exports: bool = True,
 ) -> Snapshot:
     """The jobs `status` shows, with their stages and export paths: those `ref` names;
     else every job (`every`); else the active ones and the ten most recent finished.
-    brief: only what the listing shows (see Listing.list_jobs and Listing.stages_for; no
-    exports)."""
+    brief: only what a listing shows (see Listing.list_jobs and Listing.stages_for).
+    exports: read the export paths (else none)."""
     if ledger is not None and ref:
         jobs = resolve(ledger, ref)
     elif every:
@@ -89,8 +95,8 @@ def read_jobs(
     # change: read the stages of the others (most of a big ledger has succeeded)
     wanted = [j.id for j in jobs if reads_stages(j)] if brief else ids
     stages = listing.stages_for(wanted, every=len(wanted) > SCAN_FROM, brief=brief)
-    exports = {} if brief else listing.export_paths(ids, every=len(ids) > SCAN_FROM)
-    return jobs, stages, exports
+    paths = listing.export_paths(ids, every=len(ids) > SCAN_FROM) if exports else {}
+    return jobs, stages, paths
 
 
 @app.command()
@@ -114,13 +120,16 @@ def status(
     ledger = open_ledger(cfg) if job else None
     listing = ledger if ledger is not None else open_listing(cfg)
 
-    def snapshot(brief: bool = False) -> Snapshot:
-        return read_jobs(listing, ledger, job, every=as_json or show_all, brief=brief)
+    def snapshot(exports: bool) -> Snapshot:
+        # a job asked for by name is shown whole; a listing, only what it prints
+        return read_jobs(
+            listing, ledger, job, every=as_json or show_all, brief=not job, exports=exports
+        )
 
     def view() -> Any:
         """The job's table, or the listing as text (ANSI colours when the console has
         them)."""
-        jobs, stages, exports = snapshot(brief=not job)
+        jobs, stages, exports = snapshot(exports=bool(job))
         if job and len(jobs) == 1:
             return render.job_detail(jobs[0], stages[jobs[0].id], exports[jobs[0].id])
         if not jobs:
@@ -128,8 +137,10 @@ def status(
         return render.jobs_listing(jobs, stages, console.color_system)
 
     if as_json:
-        jobs, stages, exports = snapshot()
-        out = [render.job_json(j, stages[j.id], exports[j.id]) for j in jobs]
+        jobs, stages, exports = snapshot(exports=True)
+        out = [
+            render.job_json(j, stages.get(j.id, []), exports[j.id], detail=bool(job)) for j in jobs
+        ]
         sys.stdout.write(render.json_text(out))
         return
     if not watch:

@@ -28,10 +28,14 @@ def json_text(items: Any) -> str:
     return orjson.dumps(items, option=orjson.OPT_INDENT_2).decode() + "\n"
 
 
-def job_json(job: Any, stages: list[Any], exports: list[str]) -> dict[str, Any]:
-    """One job as `dropmesh status --json` prints it."""
+def job_json(
+    job: Any, stages: list[Any], exports: list[str], *, detail: bool = True
+) -> dict[str, Any]:
+    """One job as `dropmesh status --json` prints it: with detail (one job asked for by
+    name), its stages with their metrics too; without (a listing), the job alone, whose
+    `stages` only its progress needs (see Listing.stages_for's brief)."""
     progress = job_progress(job, stages)
-    return {
+    out = {
         "id": job.id,
         "project": job.project,
         "state": job.state,
@@ -49,7 +53,9 @@ def job_json(job: Any, stages: list[Any], exports: list[str]) -> dict[str, Any]:
         "finished_at": iso(job.finished_at),
         "next_attempt_at": iso(job.next_attempt_at),
         "exports": exports,
-        "stages": [
+    }
+    if detail:
+        out["stages"] = [
             {
                 "name": s.name,
                 "state": s.state,
@@ -62,8 +68,8 @@ def job_json(job: Any, stages: list[Any], exports: list[str]) -> dict[str, Any]:
                 "metrics": s.metrics,
             }
             for s in stages
-        ],
-    }
+        ]
+    return out
 
 
 def bar(fraction: float, width: int = 20) -> str:

@@ -108,8 +108,9 @@ def test_logs_without_a_job_log_prints_the_ledger_events(home: Path) -> None:
 
 
 def test_a_listing_reads_stages_only_for_jobs_that_have_not_succeeded(home: Path) -> None:
-    """A succeeded job is 100 % whatever its stage rows say: `status --all` reads the
-    stages of the other jobs only, and still shows every job's progress."""
+    """A succeeded job is 100 % whatever its stage rows say: `status --all` and
+    `status --json` read the stages of the other jobs only, and still show every job's
+    progress; `status JOB --json` shows the job's stages with their metrics."""
     from daemon.cli.commands import read_jobs
     from daemon.listing import Listing
     from pipeline import STAGES
@@ -149,3 +150,15 @@ def test_a_listing_reads_stages_only_for_jobs_that_have_not_succeeded(home: Path
     rows = {line.split()[1]: line for line in res.output.splitlines()[1:]}
     assert "100.0%" in rows["beta"] and "succeeded" in rows["beta"]
     assert "running" in rows["alpha"] and "100.0%" not in rows["alpha"]
+    res = runner.invoke(app, ["--home", str(home), "status", "--json"])
+    assert res.exit_code == 0, res.output
+    listed = {j["project"]: j for j in json.loads(res.stdout)}
+    assert listed["beta"]["progress"] == 1.0 and 0 < listed["alpha"]["progress"] < 1
+    assert listed["alpha"]["attempts"] == 1 and listed["alpha"]["host"] == "host"
+    assert not any("stages" in j for j in listed.values())
+    res = runner.invoke(app, ["--home", str(home), "status", "beta", "--json"])
+    assert res.exit_code == 0, res.output
+    (detail,) = json.loads(res.stdout)
+    assert [s["name"] for s in detail["stages"]] == list(STAGES)
+    assert all(s["metrics"] == {} and s["device"] == "cpu" for s in detail["stages"])
+    assert {k: v for k, v in detail.items() if k != "stages"} == listed["beta"]
