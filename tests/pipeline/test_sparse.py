@@ -417,6 +417,46 @@ def test_weak_pairs_are_matched_guided_only_for_poorly_connected_photos(
         assert abs(metrics["guided_pairs"] - len(weak_before)) <= margin, metrics
 
 
+def test_weak_pairs_are_matched_guided_on_their_largest_keypoints(
+    sparse_workspace: Sparse,
+    demo_scene: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Guided matching again of a weak pair looks at the GUIDED_KEYPOINTS keypoints of
+    largest scale of each photo (its memory grows with their product): with every
+    verified pair weak and a cap of 80 % of the fewest keypoints a photo has, the pairs it
+    improves gain inliers among those keypoints only, and every pair keeps at least the
+    inliers of its plain pass."""
+    source, _ = sparse_workspace
+    plain = _inliers(source / "matching" / "database.db")
+    cap = int(0.8 * min(matching.keypoint_counts(source / "matching" / "database.db").values()))
+    for name, value in (("GUIDED_CHEAP", 0), ("GUIDED_BELOW", 10**6), ("GUIDED_KEYPOINTS", cap)):
+        monkeypatch.setattr(matching, name, value)
+    workspace = _match_weak(sparse_workspace, demo_scene, tmp_path)
+    db_path = workspace / "matching" / "database.db"
+    guided = _inliers(db_path)
+    verified = [pair for pair, n in plain.items() if n > 0]
+    assert read_metrics(workspace, "matching")["guided_pairs"] >= len(verified) - 2
+    margin = max(2, len(verified) // 50)  # verification is not bit-stable (threads)
+    assert sum(guided.get(pair, 0) < plain[pair] for pair in verified) <= margin
+    improved = [pair for pair in verified if guided.get(pair, 0) > plain[pair]]
+    assert len(improved) > len(verified) // 2, (len(improved), len(verified))
+    db = pycolmap.Database.open(db_path)
+    try:
+        ids = {image.name: image.image_id for image in db.read_all_images()}
+        largest = {
+            name: set(matching.largest_keypoints(db.read_keypoints(i), cap).tolist())
+            for name, i in ids.items()
+        }
+        for a, b in improved:
+            found = db.read_two_view_geometry(ids[a], ids[b]).inlier_matches
+            assert set(found[:, 0].tolist()) <= largest[a], (a, b)
+            assert set(found[:, 1].tolist()) <= largest[b], (a, b)
+    finally:
+        db.close()
+
+
 def test_guided_matching_choices_are_checked() -> None:
     from pipeline.presets import OPTION_CHOICES, PRESETS
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from pipeline import Cancelled, JobSpec, PermanentError, StageContext
@@ -77,13 +78,18 @@ def test_parallel_stops_on_cancel(tmp_path: Path) -> None:
     assert 0 < len(started) <= 8  # the first few, not the other ~90
 
 
-def test_guided_matching_threads_fit_its_memory(tmp_path: Path) -> None:
-    """Guided matching of 10,000-keypoint photos (~1.4 GB a pair) runs one pair at a time
-    however many cores the stage has; small photos use every core."""
-    from pipeline.stages.matching import guided_threads
+def test_guided_matching_keeps_the_largest_keypoints() -> None:
+    """Guided matching of many keypoints keeps the n of largest scale (from the affine
+    shape: a keypoint of scale s has a11 = a22 = s cos t, a21 = -a12 = s sin t), in their
+    order; n or fewer are all kept."""
+    from pipeline.stages.matching import largest_keypoints
 
-    ctx = _ctx(tmp_path, threads=16)
-    assert guided_threads(ctx, 10_000 * 10_000) == 1
-    assert guided_threads(ctx, 2500 * 2500) == 16
-    assert guided_threads(_ctx(tmp_path, threads=2), 5000 * 5000) == 2
-    assert 2 < guided_threads(ctx, 6000 * 6000) < 16
+    rng = np.random.default_rng(0)
+    scale, angle = rng.uniform(1, 20, 500), rng.uniform(-np.pi, np.pi, 500)
+    cos, sin = scale * np.cos(angle), scale * np.sin(angle)
+    rows = np.stack([rng.uniform(0, 99, 500), rng.uniform(0, 99, 500), cos, -sin, sin, cos], 1)
+    kept = largest_keypoints(rows.astype(np.float32), 100)
+    assert list(kept) == sorted(kept) and len(kept) == 100
+    assert set(kept) == set(np.argsort(-scale)[:100])
+    assert list(largest_keypoints(rows, 500)) == list(range(500))
+    assert list(largest_keypoints(rows[:3], 100)) == [0, 1, 2]
