@@ -56,6 +56,12 @@ NAME = "mapping"
 # the same photos placed and camera errors within 2 %.
 BA_FUNCTION_TOLERANCE = 1e-6
 GLOBAL_FROM = 64  # photos: `auto` maps this many or more globally
+# Global positioning and the bundle adjustments after it use tracks until each photo has
+# this many (GLOMAP's track selection; COLMAP's default takes every track); retriangulation
+# then builds the full point cloud from all matches. On the hard demo variant's 64 photos
+# at medium (41,620 tracks): 125 s -> 45 s, the same 64 photos placed, 44,390 points
+# instead of 44,392 and the same camera error; 300 per photo took 37 s.
+GLOBAL_TRACKS_PER_VIEW = 1000
 MIN_REGISTERED = 3
 MIN_REGISTERED_FRACTION = 0.5
 HINT = (
@@ -269,6 +275,7 @@ def _global(ctx: StageContext, db_path: Path, image_dir: Path, out: Path, total:
     options = pycolmap.GlobalPipelineOptions()
     options.random_seed = RANDOM_SEED
     options.mapper.num_threads = thread_count(ctx)
+    options.mapper.track_required_tracks_per_view = GLOBAL_TRACKS_PER_VIEW
     if choose_device(ctx.device) == "cpu":
         # no CUDA: ask for the CPU solvers instead of falling back
         options.mapper.global_positioning.use_gpu = False
