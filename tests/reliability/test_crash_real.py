@@ -4,6 +4,8 @@ the fast fake pipeline the other crash tests use."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import trimesh
 from daemon_harness import Home, wait_for
 from rel_helpers import open_ledger, orphans, stage_done_counts
 
+from daemon.states import TERMINAL, StageState
 from pipeline import STAGES
 from pipeline.demo import render_scene
 
@@ -26,20 +29,34 @@ KILLED = [
 PIPELINE = "real (pipeline/stages, rendered demo scene)"
 
 
-def _running(home: Home, job_id: str, workspace: Path, stage: str) -> str | None:
-    """How we know the stage is running and has not published: its temporary folder
-    exists, or the ledger names it as the job's current stage (some stages compute
-    in memory and open their temporary folder only to publish)."""
-    if any(workspace.glob(f".{stage}.tmp-*")):
-        return "temporary folder"
-    ledger = open_ledger(home)
-    try:
+def _kill_inside(home: Home, ledger: Any, job_id: str, workspace: Path, stage: str) -> str:
+    """Kill the daemon with SIGKILL as soon as `stage` is seen running, and say how it was
+    seen: its temporary folder exists, or the ledger names it as the job's current stage
+    (some stages compute in memory and open their temporary folder only to publish).
+
+    The shortest stages (mapping 10 small photos) last about 0.2 s, so each look is cheap:
+    one directory listing and one read on a ledger connection kept open, every few
+    milliseconds. A job that ends, or a stage that finishes unseen, fails at once with
+    what happened rather than after the timeout."""
+    deadline = time.monotonic() + 300
+    prefix = f".{stage}.tmp-"
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            if any(e.name.startswith(prefix) for e in os.scandir(workspace)):
+                home.kill9()
+                return "temporary folder"
         job = ledger.get(job_id)
-    finally:
-        ledger.close()
-    if job is not None and job.stage == stage and not (workspace / stage).exists():
-        return "ledger"
-    return None
+        if job.stage == stage and not (workspace / stage).exists():
+            home.kill9()
+            return "ledger"
+        if job.state in TERMINAL:
+            raise AssertionError(f"the job {job.state} before {stage} was seen: {job.error}")
+        done = {s.name for s in ledger.stages(job_id) if s.state == StageState.DONE}
+        if stage in done:
+            raise AssertionError(f"{stage} started and finished between two looks")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{stage} not seen within 300 s (job {job.state}, {job.stage})")
+        time.sleep(0.003)
 
 
 def test_kill_inside_each_real_stage(home: Home, record_property: Any) -> None:
@@ -56,19 +73,22 @@ def test_kill_inside_each_real_stage(home: Home, record_property: Any) -> None:
     job_id = wait_for(lambda: (home.job("real") or {}).get("id"), 30)
     workspace = home.workspaces / job_id
     rows = []
-    for stage in KILLED:
-        t0 = time.monotonic()
-        seen = wait_for(lambda stage=stage: _running(home, job_id, workspace, stage), 300, 0.01)
-        home.kill9()
-        wait_for(lambda: not orphans(home), 15)
-        # the stage process notices its daemon is gone within a quarter of a second, so
-        # a stage about to finish may still publish (one rename) before it stops
-        published = (workspace / stage / "metrics.json").exists()
-        rows.append(
-            f"{stage} ({seen}) after {time.monotonic() - t0:.1f} s"
-            + (" (it still published)" if published else "")
-        )
-        home.start(DROPMESH_TEST_PIPELINE="pipeline.stages:run_stage")
+    ledger = open_ledger(home)
+    try:
+        for stage in KILLED:
+            t0 = time.monotonic()
+            seen = _kill_inside(home, ledger, job_id, workspace, stage)
+            wait_for(lambda: not orphans(home), 15)
+            # the stage process notices its daemon is gone within a quarter of a second,
+            # so a stage about to finish may still publish (one rename) before it stops
+            published = (workspace / stage / "metrics.json").exists()
+            rows.append(
+                f"{stage} ({seen}) after {time.monotonic() - t0:.1f} s"
+                + (" (it still published)" if published else "")
+            )
+            home.start(DROPMESH_TEST_PIPELINE="pipeline.stages:run_stage")
+    finally:
+        ledger.close()
     print(f"\nkilled inside: {rows}")
     record_property("killed inside", ", ".join(rows))
     job = home.wait_state("real", "succeeded", "failed", timeout=600)
