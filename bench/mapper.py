@@ -1,6 +1,6 @@
 """Incremental against global mapping on the hard demo variant (1600x1200, distortion, no
-EXIF, changing exposure, hand-held path, photo textures), preset medium, at 64 and 128
-photos. Features and matching run once per size; then the mapping stage runs on that same
+EXIF, changing exposure, hand-held path, photo textures), preset medium, at 32, 64 and
+128 photos. Features and matching run once per size; then the mapping stage runs on that same
 database with `mapper = incremental` and `mapper = global`, alternating which goes first,
 each in its own process. Each run keeps its seconds, the photos it registered and its
 camera error: the RMS distance of its camera centres from the true ones after a similarity
@@ -90,7 +90,7 @@ def measure(n_images: int, rounds: int, root: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="32 photos, one round")
-    ap.add_argument("--sizes", default="64,128", help="photo counts (default 64,128)")
+    ap.add_argument("--sizes", default="32,64,128", help="photo counts (default 32,64,128)")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each mapper (default 2)")
     args = ap.parse_args(argv)
     sizes = [32] if args.quick else [int(x) for x in args.sizes.split(",")]

@@ -599,7 +599,7 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "mapper",
-        "mapping with `mapper = auto`, against the other mapper, hard variant, 64 photos and more",
+        "mapping with `mapper = auto`, against the other mapper, hard variant, each size measured",
         "no slower, camera error within 10 %",
         ISSUE_12 + ": make auto pick the faster mapper where quality holds",
         _mapper_auto,

@@ -8,10 +8,11 @@ Reads `matching/database.db` and `ingest/images/`. Publishes `<workspace>/mappin
 
 The preset's mapper is "auto": incremental mapping below GLOBAL_FROM photos, global
 (GLOMAP) from there, where it is the faster of the two with cameras at least as accurate
-(bench mapper: on the hard demo variant at 64 photos, 124-140 s against 200 s); if global
-mapping leaves photos out, incremental mapping runs as well and the model that places more
-wins. "incremental" or "global" ask for one of them. Global mapping of a handful of photos
-can settle on a wrong model (8 photos of the demo: cameras off by the ring's radius).
+(bench mapper, hard demo variant, medium: 17-19 s against 34-43 s at 32 photos, 41-45 s
+against 101 s at 64, 98-117 s against 289-293 s at 128); if global mapping leaves photos
+out, incremental mapping runs as well and the model that places more wins. "incremental"
+or "global" ask for one of them. Global mapping of a handful of photos can settle on a
+wrong model (8 photos of the demo: cameras off by the ring's radius).
 Incremental mapping uses relaxed absolute-pose thresholds, which register every image
 of object rings where COLMAP's defaults leave some out. When some photos stay out,
 mapping runs once more with the lens distortion held at zero (short camera paths cannot
@@ -55,7 +56,7 @@ NAME = "mapping"
 # its other 15 frames 11.5 -> 7.4 s, the hard demo variant's 16 photos 7.0 -> 6.3 s, with
 # the same photos placed and camera errors within 2 %.
 BA_FUNCTION_TOLERANCE = 1e-6
-GLOBAL_FROM = 64  # photos: `auto` maps this many or more globally
+GLOBAL_FROM = 32  # photos: `auto` maps this many or more globally
 # Global positioning and the bundle adjustments after it use tracks until each photo has
 # this many (GLOMAP's track selection; COLMAP's default takes every track); retriangulation
 # then builds the full point cloud from all matches. On the hard demo variant's 64 photos
