@@ -14,6 +14,7 @@ import trimesh
 from daemon_harness import Home, wait_for
 from rel_helpers import open_ledger, orphans, stage_done_counts
 
+from daemon.ledger import Ledger
 from daemon.states import TERMINAL, StageState
 from pipeline import STAGES
 from pipeline.demo import render_scene
@@ -29,7 +30,7 @@ KILLED = [
 PIPELINE = "real (pipeline/stages, rendered demo scene)"
 
 
-def _kill_inside(home: Home, ledger: Any, job_id: str, workspace: Path, stage: str) -> str:
+def _kill_inside(home: Home, ledger: Ledger, job_id: str, workspace: Path, stage: str) -> str:
     """Kill the daemon with SIGKILL as soon as `stage` is seen running, and say how it was
     seen: its temporary folder exists, or the ledger names it as the job's current stage
     (some stages compute in memory and open their temporary folder only to publish).
