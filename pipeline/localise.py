@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.stages._common import MAPPING_MODEL, MATCHING_DB
+from pipeline.stages._common import MAPPING_MODEL, MATCHING_DB, RANDOM_SEED
 
 RATIO = 0.8  # Lowe's ratio test
 MIN_CORRESPONDENCES = 30
@@ -103,7 +103,9 @@ def localise(workspace: Path, photo: Path) -> Localised | None:
     # the lens of the job's photo that sees most of those points (one lens for all, usually)
     seen_by = Counter(e.image_id for p in set(chosen) for e in model.points3D[p].track.elements)
     camera = model.cameras[model.images[seen_by.most_common(1)[0][0]].camera_id]
-    found = pycolmap.estimate_and_refine_absolute_pose(points2d, points3d, camera)
+    estimation = pycolmap.AbsolutePoseEstimationOptions()
+    estimation.ransac.random_seed = RANDOM_SEED  # the same photo gets the same pose each time
+    found = pycolmap.estimate_and_refine_absolute_pose(points2d, points3d, camera, estimation)
     if found is None:
         return None
     return Localised(

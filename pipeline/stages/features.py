@@ -7,9 +7,12 @@ Reads `ingest/images/` and `ingest/images.json`. Publishes `<workspace>/features
 
 Images that share size, EXIF make/model and focal length share one camera (SIMPLE_RADIAL),
 so bundle adjustment refines one set of intrinsics; its focal starts from the EXIF prior
-when there is one. Images are extracted in small batches so that progress is real and a
-cancel stops the stage within one batch (the running batch is cancelled through pycolmap's
-CancellationToken).
+when there is one. Every image is entered in the database, in name order, before its
+features are extracted: COLMAP's extractor would number images in the order its threads
+finish them, and image ids decide the order of every later stage's work (pairs, mapping), so
+the same photos would not always give the same model. Images are extracted in small batches
+so that progress is real and a cancel stops the stage within one batch (the running batch is
+cancelled through pycolmap's CancellationToken).
 """
 
 from __future__ import annotations
@@ -103,8 +106,8 @@ def extract_all(
     done = 0
     for group in camera_groups(images):
         reader = pycolmap.ImageReaderOptions()
-        reader.existing_camera_id = _write_camera(db_path, group[0])
-        names = [image["name"] for image in group]
+        names = sorted(image["name"] for image in group)
+        reader.existing_camera_id = _enter_group(db_path, group[0], names)
         for start in range(0, len(names), BATCH):
             batch = names[start : start + BATCH]
             call_cancellable(
@@ -145,7 +148,9 @@ def _extract(
     )
 
 
-def _write_camera(db_path: Path, image: dict[str, Any]) -> int:
+def _enter_group(db_path: Path, image: dict[str, Any], names: list[str]) -> int:
+    """Write the camera of a group of images (`image` is one of them), its rig, and an image
+    and a frame for each of `names`, in that order; the camera's id."""
     width, height = int(image["width"]), int(image["height"])
     prior = image.get("focal_px")
     focal = float(prior) if prior else DEFAULT_FOCAL_FACTOR * max(width, height)
@@ -158,6 +163,16 @@ def _write_camera(db_path: Path, image: dict[str, Any]) -> int:
     camera.has_prior_focal_length = bool(prior)
     db = pycolmap.Database.open(db_path)
     try:
-        return int(db.write_camera(camera))
+        camera_id = int(db.write_camera(camera))
+        rig = pycolmap.Rig()
+        rig.add_ref_sensor(db.read_camera(camera_id).sensor_id)
+        rig_id = db.write_rig(rig)
+        for name in names:
+            entered = db.read_image(db.write_image(pycolmap.Image(name=name, camera_id=camera_id)))
+            frame = pycolmap.Frame()
+            frame.rig_id = rig_id
+            frame.add_data_id(entered.data_id)
+            db.write_frame(frame)
+        return camera_id
     finally:
         db.close()

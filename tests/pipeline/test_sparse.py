@@ -194,6 +194,35 @@ def test_cancel_stops_features(
     assert not [p for p in workspace.iterdir() if p.name.startswith(".features")]
 
 
+def test_features_number_the_photos_in_name_order_whichever_finishes_first(
+    demo_scene: Path, tmp_path: Path, stage_context: MakeContext
+) -> None:
+    """Every other photo is a flat grey, extracted long before the textured one named just
+    before it: the extractor's threads finish them out of order. Image ids (which order the
+    pairs, the mapping and so the model) still follow the names."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i, src in enumerate(sorted((demo_scene / "images").glob("*.jpg"))[:6]):
+        shutil.copy(src, images / f"photo_{2 * i:02d}.jpg")
+        with Image.open(src) as im:  # the same camera, by its EXIF
+            flat = Image.new("RGB", im.size, (128, 128, 128))
+            flat.save(images / f"photo_{2 * i + 1:02d}.jpg", exif=im.getexif())
+    workspace = tmp_path / "ws"
+    for name in ("ingest", "features"):
+        run_stage(name, stage_context(workspace, images))
+    db = pycolmap.Database.open(workspace / "features" / "database.db")
+    try:
+        ids = {image.name: image.image_id for image in db.read_all_images()}
+        frames = {data.id for frame in db.read_all_frames() for data in frame.data_ids}
+        keypoints = {name: db.num_keypoints_for_image(i) for name, i in ids.items()}
+    finally:
+        db.close()
+    assert [ids[name] for name in sorted(ids)] == list(range(1, 13)), ids
+    assert frames == set(ids.values())  # one frame per photo, as the extractor writes
+    assert all(keypoints[f"photo_{2 * i:02d}.jpg"] > 500 for i in range(6)), keypoints
+    assert all(keypoints[f"photo_{2 * i + 1:02d}.jpg"] == 0 for i in range(6)), keypoints
+
+
 def test_pair_selection() -> None:
     names = [f"img_{i:03d}.jpg" for i in range(100)]
     assert choose_matcher("auto", 40) == "exhaustive"

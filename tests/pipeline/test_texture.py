@@ -389,11 +389,13 @@ def test_the_glb_passes_the_khronos_gltf_validator(
 # ---------------------------------------------------------------- real photos
 
 CASTEL_HELD_OUT = (9, 15, 21)  # odd frames: the job (tests/pipeline/conftest.py) took the even
-# Measured: textured 24.4-25.8 dB against vertex colours 22.6-22.9 dB (a flat colour 13.3-13.4);
-# PSNR gain 1.8-3.0 dB (mean 2.5), SSIM 0.84-0.85 against 0.75 (gain 0.083-0.099). Without
-# the photometric check (select.photometric_outliers) the textured scores were 23.1-23.2 dB.
-MIN_CASTEL_PSNR_DB = 24.0
-MIN_CASTEL_MEAN_GAIN_DB = 2.0
+# Measured, 4 runs of the same job (the sparse model is the same each time; COLMAP's fusion
+# runs rows in parallel, so the cloud, the mesh and these scores move a little): textured
+# 24.00-25.78 dB against vertex colours 22.59-23.06 dB (a flat colour 13.2-13.4); mean PSNR
+# gain 2.10-2.30 dB, SSIM 0.83-0.85 against 0.75 (gain 0.081-0.087). Without the photometric
+# check (select.photometric_outliers) the textured scores were 23.1-23.2 dB.
+MIN_CASTEL_PSNR_DB = 23.8
+MIN_CASTEL_MEAN_GAIN_DB = 1.9
 MIN_CASTEL_SSIM_GAIN = 0.07
 TARGET_CASTEL_GAIN_DB = 1.5  # what the textured export must reach (issue: real textures)
 
