@@ -12,7 +12,9 @@ class Preset:
     max_num_features: int
     matcher: str  # auto | exhaustive | sequential | vocabtree | spatial
     mapper: str  # auto | incremental | global (auto: see pipeline/stages/mapping.py)
-    stereo_max_size: int  # longest side of depth maps, px
+    # the most the depth maps' longest side may be, px (0: no limit); they are made at half
+    # the photos' size, at least 640 px (pipeline/stages/undistort.py: stereo_size)
+    stereo_max_size: int
     poisson_depth: int
     face_budget: int  # decimate the mesh to at most this many faces
     # off | weak | on: guided matching (a second search along the verified geometry) finds

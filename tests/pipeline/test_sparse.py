@@ -20,6 +20,7 @@ from pipeline.stages import mapping, matching
 from pipeline.stages._workspace import read_metrics
 from pipeline.stages.features import camera_groups
 from pipeline.stages.matching import choose_matcher, make_pairs
+from pipeline.stages.undistort import MIN_STEREO_SIZE, stereo_size
 
 Sparse = tuple[Path, dict[str, StageResult]]
 MakeContext = Callable[..., StageContext]
@@ -81,11 +82,24 @@ def test_undistort_writes_a_dense_workspace(
         assert (dense / "stereo" / name).is_dir()
     assert (dense / "stereo" / "patch-match.cfg").is_file()
     model = pycolmap.Reconstruction(dense / "sparse")
+    metrics = results["undistort"].metrics
+    assert metrics["stereo_size"] == 400  # low's cap; half of 640 px would be below the floor
     for camera in model.cameras.values():
         assert camera.model.name == "PINHOLE"
-        assert max(camera.width, camera.height) <= results["undistort"].metrics["stereo_max_size"]
+        assert max(camera.width, camera.height) <= metrics["stereo_size"]
     # nothing half-built is left beside the published folders
     assert not [p for p in workspace.iterdir() if p.name.startswith(".")]
+
+
+def test_depth_maps_are_made_at_half_the_photos_size_within_floor_and_cap() -> None:
+    assert stereo_size(1600, 3200) == 1600  # high on the photos it is meant for
+    assert stereo_size(1600, 1600) == 800  # high on 1600 px photos: half, as medium
+    assert stereo_size(800, 1600) == 800
+    assert stereo_size(800, 1024) == MIN_STEREO_SIZE == 640  # half would be 512
+    assert stereo_size(800, 640) == 640  # never below the floor, never above the photo
+    assert stereo_size(800, 480) == 480
+    assert stereo_size(400, 1600) == 400  # the cap wins over the floor
+    assert stereo_size(0, 5000) == 2500  # no cap
 
 
 def test_finished_stages_return_their_recorded_result(
