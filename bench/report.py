@@ -34,6 +34,10 @@ def latest(suite: str) -> dict[str, Any] | None:
     return data
 
 
+def _score(v: float | None) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
 def _table(head: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
@@ -73,7 +77,12 @@ def pipeline_section(d: dict[str, Any]) -> str:
     blank = [""] * (2 * len(runs))
     rows.append(["**total (stages)**"] + [r["total_s"] for r in runs] + blank)
     rows.append(["total with process start-ups"] + [r["total_wall_s"] for r in runs] + blank)
-    rows.append(["F-score (1 %)"] + [r["fscore"] for r in runs] + blank)
+    rows.append(["F-score (1 % of the scene)"] + [_score(r.get("fscore")) for r in runs] + blank)
+    rows.append(
+        ["object F-score (1 % of the object)"]
+        + [_score(r.get("object_fscore")) for r in runs]
+        + blank
+    )
     r0 = runs[0]
     return (
         f"## Per-stage time and peak memory\n\nDemo scene ({r0.get('variant', 'easy')} "

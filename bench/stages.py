@@ -38,6 +38,7 @@ def measure(
         "total_wall_s": round(sum(s["wall_s"] for s in stages.values()), 3),
         "peak_rss_mb": max(s["peak_rss_mb"] for s in stages.values()),
         "fscore": fscore(workspace, scene_dir),
+        "object_fscore": fscore(workspace, scene_dir, object_only=True),
     }
     shutil.rmtree(workspace, ignore_errors=True)
     return out
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(
                 f"pipeline {quality:6s} {n_images} {args.variant} images {SIZE[0]}x{SIZE[1]}: "
                 f"{r['total_s']:.1f} s in stages, {r['total_wall_s']:.1f} s with process "
-                f"start-up, peak {r['peak_rss_mb']:.0f} MB, F-score {r['fscore']}"
+                f"start-up, peak {r['peak_rss_mb']:.0f} MB, F-score {r['fscore']}, "
+                f"object F-score {r['object_fscore']}"
             )
             for name, s in r["stages"].items():
                 print(

@@ -92,14 +92,17 @@ def run_pipeline_children(
     return {s: run_stage_child(s, spec, workspace, root=root) for s in (stages or STAGES)}
 
 
-def fscore(workspace: Path, scene_dir: Path) -> float | None:
-    """F-score of the coloured mesh against the scene's ground truth (1% of the diagonal)."""
-    from pipeline.evaluate import evaluate
+def fscore(workspace: Path, scene_dir: Path, object_only: bool = False) -> float | None:
+    """F-score of the coloured mesh against the scene's ground truth, at 1 % of the whole
+    scene's diagonal, or (`object_only`) against the object alone at 1 % of its diagonal."""
+    from pipeline.evaluate import evaluate, evaluate_object
 
     mesh = workspace / "color" / "mesh.ply"
     if not mesh.is_file():
         return None
-    score = evaluate(mesh, scene_dir / "ground_truth", workspace / "mapping" / "sparse" / "0")
+    score = (evaluate_object if object_only else evaluate)(
+        mesh, scene_dir / "ground_truth", workspace / "mapping" / "sparse" / "0"
+    )
     return round(float(score.fscore), 4)
 
 

@@ -15,6 +15,8 @@ class Preset:
     # the most the depth maps' longest side may be, px (0: no limit); they are made at half
     # the photos' size, at least 640 px (pipeline/stages/undistort.py: stereo_size)
     stereo_max_size: int
+    # Poisson's octree depth for depth maps at stereo_max_size, one level less per halving
+    # of them below it (pipeline/stages/meshing.py: octree_depth)
     poisson_depth: int
     face_budget: int  # decimate the mesh to at most this many faces
     # off | weak | on: guided matching (a second search along the verified geometry) finds

@@ -1,7 +1,8 @@
 """meshing: a watertight Poisson surface, cut back to where the photos saw something.
 
 Screened Poisson reconstruction (open3d, which keeps the per-vertex sample density)
-of `<ws>/fusion/fused.ply` at the preset's octree depth, then:
+of `<ws>/fusion/fused.ply` at the preset's octree depth, one level less for each halving of
+the depth maps below the preset's stereo_max_size (`octree_depth`), then:
 
 1. density trim: vertices the points barely support (Poisson's extrapolated "balloon"
    surfaces over holes and behind the scene) are removed;
@@ -14,6 +15,7 @@ Writes `<ws>/meshing/mesh.ply`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from pipeline.stages._common import (
 from pipeline.stages._workspace import building, finished, read_metrics, record
 
 NAME = "meshing"
+UNDISTORT = "undistort"  # whose metrics say at what size the depth maps were made
 DENSITY_QUANTILE = 0.02  # vertices below this density quantile are trimmed
 MAX_GAP_SPACINGS = 6.0  # vertices farther from any fused point than this many point
 MAX_GAP_CELLS = 1.0  # spacings and Poisson cells are trimmed (bridged holes, skirts)
@@ -47,6 +50,17 @@ def point_bounds(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     hi = np.percentile(points, 100 - BOUNDS_PERCENTILE, axis=0)
     pad = BOUNDS_PADDING * (hi - lo).max()
     return lo - pad, hi + pad
+
+
+def octree_depth(preset_depth: int, stereo_max_size: int, stereo_size: int | None) -> int:
+    """Poisson's octree depth: the preset's for depth maps at its stereo_max_size (the
+    presets give one level per doubling: low 8 at 400 px, medium 9 at 800, high 10 at
+    1600), one level less per halving below it (undistort's stereo_size). A finer octree
+    than the points resolve only costs time: high on 16 photos of 1600 px, depth maps at
+    800 px, depth 10 meshed in 26 s to an object F-score of 0.879, depth 9 in 7 s to 0.889."""
+    if not stereo_size or stereo_max_size <= 0 or stereo_size >= stereo_max_size:
+        return preset_depth
+    return preset_depth - round(math.log2(stereo_max_size / stereo_size))
 
 
 def poisson(cloud: o3d.geometry.PointCloud, depth: int, threads: int) -> tuple[Any, np.ndarray]:
@@ -109,12 +123,17 @@ def run(ctx: StageContext) -> StageResult:
         # Poisson crashes on an empty cloud: never call it then
         raise PermanentError("the fused point cloud is empty or has no normals")
     ctx.check_cancelled()
-    ctx.progress(0.05, f"Poisson reconstruction (depth {p.poisson_depth})")
-    mesh, densities = poisson(cloud, p.poisson_depth, thread_count(ctx))
+    depth = octree_depth(
+        p.poisson_depth,
+        p.stereo_max_size,
+        read_metrics(ctx.workspace, UNDISTORT).get("stereo_size"),
+    )
+    ctx.progress(0.05, f"Poisson reconstruction (depth {depth})")
+    mesh, densities = poisson(cloud, depth, thread_count(ctx))
     raw_faces = len(mesh.triangles)
     ctx.check_cancelled()
     ctx.progress(0.6, "trimming")
-    mesh = trim(mesh, densities, np.asarray(cloud.points), p.poisson_depth, thread_count(ctx))
+    mesh = trim(mesh, densities, np.asarray(cloud.points), depth, thread_count(ctx))
     trimmed_faces = len(mesh.triangles)
     if trimmed_faces == 0:
         raise PermanentError("nothing was left of the mesh after trimming")
@@ -131,7 +150,7 @@ def run(ctx: StageContext) -> StageResult:
             raise OSError(f"could not write {path}")
         v = np.asarray(mesh.vertices)
         metrics: dict[str, Any] = {
-            "poisson_depth": p.poisson_depth,
+            "poisson_depth": depth,
             "face_budget": p.face_budget,
             "faces_poisson": raw_faces,
             "faces_trimmed": trimmed_faces,

@@ -27,6 +27,7 @@ from pipeline.evaluate import evaluate, evaluate_object, umeyama
 from pipeline.presets import preset
 from pipeline.stages._common import choose_device
 from pipeline.stages._workspace import read_metrics
+from pipeline.stages.meshing import octree_depth
 from pipeline.stages.stereo.colmap_files import (
     prepare_workspace,
     read_colmap_array,
@@ -336,6 +337,18 @@ def test_medium_quality_mesh_matches_ground_truth(
     assert score["fscore"] >= MIN_FSCORE, score
     assert obj["fscore"] >= MIN_OBJECT_FSCORE["medium"], obj
     assert results["meshing"].metrics["faces"] <= preset("medium").face_budget
+    # depth maps at 640 px, within a halving of medium's 800: medium's own octree depth
+    assert read_metrics(workspace, "undistort")["stereo_size"] == 640
+    assert results["meshing"].metrics["poisson_depth"] == preset("medium").poisson_depth
+
+
+def test_octree_depth_drops_a_level_per_halving_of_the_depth_maps() -> None:
+    assert octree_depth(10, 1600, 1600) == 10  # high on photos of 3200 px
+    assert octree_depth(10, 1600, 800) == 9  # high on photos of 1600 px
+    assert octree_depth(10, 1600, 640) == 9  # high on photos of 1024 px or less
+    assert octree_depth(9, 800, 640) == 9
+    assert octree_depth(9, 800, None) == 9  # a workspace from before stereo_size
+    assert octree_depth(9, 0, 2500) == 9  # no cap
 
 
 def test_glb_loads_back_with_its_texture(
