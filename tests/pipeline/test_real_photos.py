@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import open3d as o3d
 import pycolmap
@@ -96,16 +97,73 @@ def test_every_photo_is_placed_with_the_calibrated_focal_length(
     assert abs(focal / COLOUR_K[0, 0] - 1.0) < MAX_FOCAL_ERROR, focal
 
 
+def placed_by_depth(first: np.ndarray, depth: np.ndarray, seen: np.ndarray) -> int:
+    """How many of a photo's matches to frame 0 one pose explains (RANSAC PnP inliers at 3 px,
+    calibrated lens) when frame 0's keypoints are lifted to 3D with `depth`."""
+    rays = np.linalg.solve(COLOUR_K, np.vstack([first.T, np.ones(len(first))]))
+    points = (rays * depth).T
+    found, _, _, inliers = cv2.solvePnPRansac(
+        points, seen, COLOUR_K, None, reprojectionError=3.0, iterationsCount=2000
+    )
+    return len(inliers) if found and inliers is not None else 0
+
+
+def test_the_sensor_depth_explains_the_photos_better_than_a_flat_or_inverted_one(
+    castel_photos: Path,
+) -> None:
+    """The ground truth the depth tests score against is the photos' own geometry: frame 0's
+    SIFT keypoints lifted to 3D with the sensor's depth (as `sensor_depth` registers it)
+    place later frames by their matches better than the same keypoints at one constant
+    depth or with near and far swapped. Measured: 336 matches explained against 216
+    (constant) and 223 (inverted) over frames 12-28."""
+    sift = cv2.SIFT_create(8000)
+
+    def features(frame: int) -> tuple[np.ndarray, np.ndarray]:
+        image = cv2.imread(str(CASTEL / "castel" / f"image_{frame:04d}.pgm"), 0)
+        keypoints, descriptors = sift.detectAndCompute(image, None)
+        return np.array([k.pt for k in keypoints]), descriptors
+
+    first, first_descriptors = features(0)
+    truth = sensor_depth(0)
+    # the sensor's depth at each keypoint: the median of a 3x3 window that is all valid and
+    # lies on one surface (within 1 cm)
+    lifted = np.zeros(len(first))
+    for i, (u, v) in enumerate(np.rint(first).astype(int)):
+        window = truth[max(0, v - 1) : v + 2, max(0, u - 1) : u + 2]
+        window = window[window > 0]
+        if len(window) >= 5 and np.ptp(window) < 0.01:
+            lifted[i] = np.median(window)
+    explained = {"sensor": 0, "constant": 0, "inverted": 0}
+    for frame in (12, 16, 20, 24, 28):
+        keypoints, descriptors = features(frame)
+        pairs = cv2.BFMatcher().knnMatch(first_descriptors, descriptors, k=2)
+        good = [a for a, b in pairs if a.distance < 0.75 * b.distance and lifted[a.queryIdx] > 0]
+        ours = first[[m.queryIdx for m in good]]
+        seen = keypoints[[m.trainIdx for m in good]]
+        z = lifted[[m.queryIdx for m in good]]
+        for name, depth in (
+            ("sensor", z),
+            ("constant", np.full_like(z, np.median(z))),
+            ("inverted", z.max() + z.min() - z),
+        ):
+            explained[name] += placed_by_depth(ours, depth, seen)
+    print(f"\nmatches explained over frames 12-28: {explained}")
+    assert explained["sensor"] > 1.3 * max(explained["constant"], explained["inverted"])
+
+
 DEPTH_FINDING = (
     "the reconstruction is tilted about the camera's horizontal axis: its depth grows down "
     "the image (+0.70 with the row) while the sensor's falls (-0.44), so against the sensor "
     "it correlates at about -0.45 per view and a constant depth scores as well (5.8 % "
     "against 5.7 %): the top of the view (the box behind the castle, the tower's roof) comes "
-    "out far too near. The minimum looks like the data's, not the mapper's: bundle "
-    "adjustment started from poses found against the sensor's depth, with the calibrated "
-    "lens held fixed, ends in the same tilted model (1.21 px RMS either "
-    "way), and 30 frames, quality medium, the global mapper and other initial pairs all tilt "
-    "the same way (a rolling shutter or an unmodelled lens would do this)"
+    "out far too near. The sensor's depth is the photos' geometry (it explains 1.5 times the "
+    "matches a constant or inverted depth explains: the test above), so the tilt is the "
+    "reconstruction's; yet bundle adjustment started from poses found against the sensor's "
+    "depth, with the calibrated lens held fixed, ends in the same tilted model (1.21 px RMS "
+    "either way), and 30 frames, quality medium, the global mapper and other initial pairs "
+    "all tilt the same way. The hand-held camera moves only 66 mm over the 30 frames, about "
+    "a fifth of the distance to the castle, so little parallax constrains the depth; a "
+    "rolling shutter or an unmodelled lens would then be enough to tilt it"
 )
 
 
