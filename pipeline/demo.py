@@ -18,11 +18,12 @@ its barycentric coordinates, shaded with a Lambert term.
 
 That default ("easy") scene is a smoke test. The VARIANTS make it harder one property at a
 time: radial distortion, no EXIF, exposure and white balance changing between photos,
-specular highlights, motion blur, an uneven partly hand-held path, photographs (from
-Debian's visp-images-data) instead of the procedural texture. "hard" has all of them at
-1600x1200, where a view gives 10,000+ SIFT keypoints as real photos do; it is the benchmark
-scene. cameras.json records the variant and, under "params", the true SIMPLE_RADIAL
-intrinsics (f, cx, cy, k1), whether or not the photos carry them in EXIF.
+specular highlights, motion blur, an uneven partly hand-held path, a short arc on one
+side, photographs (from Debian's visp-images-data) instead of the procedural texture.
+"hard" has all of them but the arc at 1600x1200, where a view gives 10,000+ SIFT
+keypoints as real photos do; it is the benchmark scene. cameras.json records the variant
+and, under "params", the true SIMPLE_RADIAL intrinsics (f, cx, cy, k1), whether or not
+the photos carry them in EXIF.
 
     python -m pipeline.demo OUT [--images N] [--variant easy] [--size WxH] [--seed 0]
 """
@@ -237,7 +238,9 @@ class Variant:
     exposure: bool = False  # exposure and white balance change from photo to photo
     specular: bool = False  # a glossy object: view-dependent highlights
     motion_blur: bool = False  # a short linear blur in a random direction per photo
-    handheld: bool = False  # an uneven path: gaps, height changes, roll, a hand-held stretch
+    # "ring": an even ring round the object; "handheld": an uneven walk round it (gaps,
+    # height changes, roll, a hand-held stretch); "arc": a short hand-held arc on one side
+    path: str = "ring"
     photo_texture: bool = False  # photographs (IMAGE_SET) mapped onto the scene
 
     def describe(self) -> str:
@@ -250,7 +253,8 @@ class Variant:
             (self.exposure, "exposure and white balance vary"),
             (self.specular, "specular highlights"),
             (self.motion_blur, "motion blur"),
-            (self.handheld, "uneven hand-held path"),
+            (self.path == "handheld", "uneven hand-held path"),
+            (self.path == "arc", "a short arc on one side (a fifth of the distance)"),
             (self.photo_texture, "photographic textures"),
         ):
             if flag:
@@ -266,7 +270,7 @@ _HARD = Variant(
     exposure=True,
     specular=True,
     motion_blur=True,
-    handheld=True,
+    path="handheld",
     photo_texture=True,
 )
 VARIANTS: dict[str, Variant] = {
@@ -278,7 +282,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("exposure", exposure=True),
         Variant("specular", specular=True),
         Variant("blur", motion_blur=True),
-        Variant("handheld", handheld=True),
+        Variant("handheld", path="handheld"),
+        Variant("arc", path="arc"),
         Variant("photo", size=(1600, 1200), photo_texture=True),
         _HARD,
     )
@@ -486,6 +491,34 @@ def _camera_path(n: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.
     return poses
 
 
+ARC_SPAN = 0.2  # radians: how far the "arc" path moves, as a share of its distance
+
+
+def _camera_arc(n: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A short hand-held arc on one side of the object, as a video taken standing in one
+    place gives: the camera moves right and up by ARC_SPAN of its distance in all, at an
+    uneven pace, shaking a little and kept roughly on the object."""
+    steps = rng.uniform(0.3, 1.7, size=n)
+    along = np.concatenate([[0.0], np.cumsum(steps[1:])]) / steps[1:].sum()
+    poses = []
+    for t in along:
+        az = ARC_SPAN * 0.8 * t
+        elev = np.deg2rad(26.0) + ARC_SPAN * 0.6 * t
+        r = RING_RADIUS * (1.0 + rng.normal(0, 0.01))
+        centre = np.array(
+            [r * np.cos(elev) * np.cos(az), r * np.cos(elev) * np.sin(az), r * np.sin(elev)]
+        ) + np.array([0.0, 0.0, 0.3])
+        rot, _ = _look_at(centre, OBJECT_CENTRE + rng.uniform(-0.1, 0.1, size=3))
+        roll = np.deg2rad(rng.normal(0, 1.5))
+        c, s = np.cos(roll), np.sin(roll)
+        rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ rot
+        poses.append((rot, -rot @ centre))
+    return poses
+
+
+PATHS = {"ring": _camera_ring, "handheld": _camera_path, "arc": _camera_arc}
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -622,7 +655,7 @@ def render_scene(
     images_dir.mkdir(parents=True, exist_ok=True)
     gt_dir.mkdir(parents=True, exist_ok=True)
     exif = _exif(focal, max(width, height)) if var.exif else None
-    poses = _camera_path(n_images, vrng) if var.handheld else _camera_ring(n_images, rng)
+    poses = PATHS[var.path](n_images, vrng if var.path != "ring" else rng)
 
     cameras: dict[str, Any] = {}
     for i, (rot, t) in enumerate(poses):

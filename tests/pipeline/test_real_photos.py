@@ -162,8 +162,12 @@ DEPTH_FINDING = (
     "depth, with the calibrated lens held fixed, ends in the same tilted model (1.21 px RMS "
     "either way), and 30 frames, quality medium, the global mapper and other initial pairs "
     "all tilt the same way. The hand-held camera moves only 66 mm over the 30 frames, about "
-    "a fifth of the distance to the castle, so little parallax constrains the depth; a "
-    "rolling shutter or an unmodelled lens would then be enough to tilt it"
+    "a fifth of the distance to the castle, but that alone does not tilt the pipeline: the "
+    "demo scene filmed along such an arc (variant 'arc', test_variants.py) gets its depth "
+    "within 0.9 %. Nor do distortion models: OPENCV or FULL_OPENCV, principal point free, "
+    "leave the sparse depth correlating at -0.26 to -0.42 with the sensor's. Nor can a "
+    "rolling shutter make frame 0's depth rise 40 % from its top rows to its bottom ones: "
+    "the camera moves at most 5 % of its path between two frames"
 )
 
 
