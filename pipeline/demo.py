@@ -19,11 +19,12 @@ its barycentric coordinates, shaded with a Lambert term.
 That default ("easy") scene is a smoke test. The VARIANTS make it harder one property at a
 time: radial distortion, no EXIF, exposure and white balance changing between photos,
 specular highlights, motion blur, an uneven partly hand-held path, a short arc on one
-side, photographs (from Debian's visp-images-data) instead of the procedural texture.
-"hard" has all of them but the arc at 1600x1200, where a view gives 10,000+ SIFT
-keypoints as real photos do; it is the benchmark scene. cameras.json records the variant
-and, under "params", the true SIMPLE_RADIAL intrinsics (f, cx, cy, k1), whether or not
-the photos carry them in EXIF.
+side, a turntable before a backdrop that stands still, photographs (from Debian's
+visp-images-data) instead of the procedural texture. "hard" has all of them but the arc
+and the turntable at 1600x1200, where a view gives 10,000+ SIFT keypoints as real photos
+do; it is the benchmark scene. cameras.json records the variant and, under "params", the
+true SIMPLE_RADIAL intrinsics (f, cx, cy, k1), whether or not the photos carry them in
+EXIF.
 
     python -m pipeline.demo OUT [--images N] [--variant easy] [--size WxH] [--seed 0]
 """
@@ -241,6 +242,9 @@ class Variant:
     # "ring": an even ring round the object; "handheld": an uneven walk round it (gaps,
     # height changes, roll, a hand-held stretch); "arc": a short hand-held arc on one side
     path: str = "ring"
+    # a backdrop that stands still where the scene leaves the view: the object turns on a
+    # turntable (the ground plate) before a fixed camera and a textured wall
+    backdrop: bool = False
     photo_texture: bool = False  # photographs (IMAGE_SET) mapped onto the scene
 
     def describe(self) -> str:
@@ -255,6 +259,7 @@ class Variant:
             (self.motion_blur, "motion blur"),
             (self.path == "handheld", "uneven hand-held path"),
             (self.path == "arc", "a short arc on one side (a fifth of the distance)"),
+            (self.backdrop, "a turntable before a still backdrop"),
             (self.photo_texture, "photographic textures"),
         ):
             if flag:
@@ -284,6 +289,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("blur", motion_blur=True),
         Variant("handheld", path="handheld"),
         Variant("arc", path="arc"),
+        Variant("turntable", backdrop=True),
         Variant("photo", size=(1600, 1200), photo_texture=True),
         _HARD,
     )
@@ -649,6 +655,12 @@ def render_scene(
     sky_top, sky_bottom = np.array([0.55, 0.68, 0.85]), np.array([0.85, 0.88, 0.9])
     sky = sky_bottom + (sky_top - sky_bottom) * np.linspace(1.0, 0.0, height)[:, None]
     sky = np.repeat(sky[:, None, :], width, axis=1).reshape(-1, 3)
+    if var.backdrop:
+        # the object's kind of texture, painted on a wall that moves with the camera
+        wall = np.stack(
+            [(us / width - 0.5) * 4.8, (vs / height - 0.5) * 3.6, np.full_like(us, 0.8)]
+        )
+        sky = _albedo(wall.reshape(3, -1).T, np.ones(us.size, dtype=np.int8), seed + 1)
 
     images_dir = out / "images"
     gt_dir = out / "ground_truth"

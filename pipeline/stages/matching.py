@@ -34,6 +34,10 @@ variant: a peak of 870 MB instead of 1,500 MB, 5.5 s instead of 7.5 s, cameras 4
 to the truth than with all keypoints). On the hard demo variant at 64 photos of 1600 px,
 every photo had 18 or more strong pairs after the plain pass, while re-matching its 151 weak
 pairs guided took 60 % of the stage: WELL_CONNECTED spares that.
+
+Photos of a subject moved before a fixed camera (a turntable) show a background that
+stands still; when a quarter of the verified pairs show one, every pair is verified again
+without the matches that do not move (pipeline/stages/_still.py), and a note says so.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from pipeline.stages._common import (
     stage_preset,
     thread_count,
 )
+from pipeline.stages._still import STILL_PAIRS, still_pairs, verify_without_still
 from pipeline.stages._workspace import building, finished, record
 
 NAME = "matching"
@@ -460,6 +465,7 @@ def run(ctx: StageContext) -> StageResult:
         chosen = select_pairs(ctx, settings.matcher, db_path, tmp)
         _write_pairs(tmp / "pairs.txt", chosen.pairs)
         guided = match_pairs(ctx, settings, db_path, chosen.pairs, dev)
+        still = leave_out_still_background(ctx, db_path, chosen.notes)
         verified = count_verified(db_path)
         if verified == 0:
             raise PermanentError(
@@ -476,6 +482,7 @@ def run(ctx: StageContext) -> StageResult:
                 "vocab_tree_words": chosen.tree_words,
                 "guided_matching": settings.guided_matching,
                 "guided_pairs": len(guided),
+                "still_background_pairs": still,
                 "notes": chosen.notes,
                 "seconds": timer.seconds,
             },
@@ -483,6 +490,23 @@ def run(ctx: StageContext) -> StageResult:
         )
         record(tmp, result)
     return result
+
+
+def leave_out_still_background(ctx: StageContext, db_path: Path, notes: list[str]) -> int:
+    """Photos of a subject moved before a fixed camera: verify every pair again without the
+    matches on the background that stood still (see _still). The pairs that showed one."""
+    still, counted = still_pairs(db_path)
+    if not counted or still < STILL_PAIRS * counted:
+        return still
+    ctx.progress(1.0, f"the background stands still in {still} of {counted} pairs")
+    before, after = verify_without_still(db_path)
+    notes.append(
+        f"the background stood still in {still} of {counted} pairs of photos (a fixed "
+        f"camera, the subject moving): verified again without the matches that stand "
+        f"still, {after} of {before} inliers remain"
+    )
+    ctx.log.warning("matching: %s", notes[-1])
+    return still
 
 
 def _write_pairs(path: Path, pairs: list[tuple[str, str]]) -> None:

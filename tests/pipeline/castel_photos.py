@@ -1,6 +1,7 @@
 """ViSP's "castel" sequence (Debian's `visp-images-data`, GPL-2, installed by `make test`):
-30 frames of a painted model castle filmed by a hand-held Intel RealSense, with a depth
-frame registered to each."""
+30 frames of a painted model castle moved by hand before a fixed Intel RealSense (the
+box, the pens and the window behind it stand still), with a depth frame registered to
+each."""
 
 from pathlib import Path
 

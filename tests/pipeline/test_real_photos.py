@@ -1,12 +1,13 @@
 """The whole pipeline on real photos: ViSP's "castel" sequence, a painted model castle on a
-cluttered desk filmed by a hand-held Intel RealSense (Debian's `visp-images-data`, GPL-2,
-installed by `make test`).
+cluttered desk, moved by hand in front of a fixed Intel RealSense (Debian's
+`visp-images-data`, GPL-2, installed by `make test`).
 
 The sequence has what the rendered demo scene lacks: sensor noise, blur, lighting that
-changes with the view, no EXIF, and a short, curved camera path. It also has ground
-truth of its own: the colour camera's calibrated focal length, and a depth-sensor frame
-registered to every photo. The reconstruction lives in an arbitrary scale, so depths are
-compared after one scale factor (the median ratio over all the views).
+changes with the view, no EXIF, and a background (a box, pens, the window) that stands
+still while the subject moves, as on a turntable: matching must leave its matches out.
+It also has ground truth of its own: the colour camera's calibrated focal length, and a
+depth-sensor frame registered to every photo. The reconstruction lives in an arbitrary
+scale, so depths are compared after one scale factor (the median ratio over all views).
 """
 
 from __future__ import annotations
@@ -35,21 +36,24 @@ DEPTH_K = np.array(
 )
 DEPTH_UNIT_M = 0.000124986647  # the sensor's raw depth unit
 
-# Measured on this sequence at quality "low" (focal 575 px, depth maps 5.7 % and mesh
-# 6.9 % median relative error); the bounds leave room for run-to-run variation.
-MAX_FOCAL_ERROR = 0.10
-MAX_REPROJECTION_PX = 1.5
-MAX_DEPTH_MAP_ERROR = 0.07
-MAX_MESH_ERROR = 0.075
-# The same error as a share of a constant depth's on the same pixels (about 6 % here).
-MAX_DEPTH_MAP_RATIO = 0.8
-MAX_MESH_RATIO = 0.9
-# Per view, Pearson correlation of the reconstructed depth with the sensor's.
-MIN_DEPTH_CORRELATION = 0.5
+# Measured on this sequence at quality "low": focal 677 px (the castle alone, in the middle
+# of the photos, observes the lens less well than a rigid model of castle and background
+# did; that model was wrong, see test_matching_leaves_out_the_background_that_stood_still),
+# reprojection 0.48 px, depth maps 1.85 % and mesh 1.80 % median relative error against a
+# constant depth's 6.3 % and 6.6 %, the worst view at 0.36 and 0.33 of its constant's.
+MAX_FOCAL_ERROR = 0.13
+MAX_REPROJECTION_PX = 1.0
+MAX_DEPTH_MAP_ERROR = 0.022
+MAX_MESH_ERROR = 0.022
+# The same error as a share of a constant depth's on the same pixels, over all views and
+# in the worst one (a constant scores about 6 %: the scene lies at nearly one depth).
+MAX_DEPTH_MAP_RATIO = 0.35
+MAX_MESH_RATIO = 0.33
+MAX_VIEW_RATIO = 0.45
 # Share of the sensor's valid pixels that get a fused depth, in the worst view.
-# Measured: at least 0.40 (depth maps) and 0.73 (mesh) of the sensor's pixels in every view.
-MIN_DEPTH_COVERAGE = 0.35
-MIN_MESH_COVERAGE = 0.65
+# Measured: at least 0.55 (depth maps) and 0.75 (mesh) of the sensor's pixels in every view.
+MIN_DEPTH_COVERAGE = 0.45
+MIN_MESH_COVERAGE = 0.7
 
 
 def frame_of(image_name: str) -> int:
@@ -76,15 +80,6 @@ def sensor_depth(frame: int) -> np.ndarray:
     return out
 
 
-def relative_errors(ratios: list[np.ndarray]) -> np.ndarray:
-    """|depth / truth - 1| after the one scale that best maps the reconstruction onto the
-    sensor (the median ratio)."""
-    r = np.concatenate(ratios)
-    scale = np.median(r)
-    out: np.ndarray = np.abs(r / scale - 1.0)
-    return out
-
-
 def test_every_photo_is_placed_with_the_calibrated_focal_length(
     castel: tuple[Path, dict[str, StageResult]],
 ) -> None:
@@ -95,6 +90,20 @@ def test_every_photo_is_placed_with_the_calibrated_focal_length(
     assert mapping["mean_reprojection_error"] < MAX_REPROJECTION_PX
     focal = mapping["cameras"][0]["params"][0]
     assert abs(focal / COLOUR_K[0, 0] - 1.0) < MAX_FOCAL_ERROR, focal
+
+
+def test_matching_leaves_out_the_background_that_stood_still(
+    castel: tuple[Path, dict[str, StageResult]],
+) -> None:
+    """The box, the pens and the window stand still while the castle moves: most pairs
+    show it (measured: all 105), and the pairs are verified again without its matches
+    (25,782 of 70,060 inliers remain). Kept, they
+    tilted the model (frame 0's depth rose 40 % from its top rows to its bottom ones while
+    the sensor's fell; depth maps 5.7 % off, no better than a constant depth)."""
+    _, results = castel
+    matching = results["matching"].metrics
+    assert matching["still_background_pairs"] > 0.6 * matching["pairs"], matching
+    assert any("background stood still" in note for note in matching["notes"]), matching
 
 
 def placed_by_depth(first: np.ndarray, depth: np.ndarray, seen: np.ndarray) -> int:
@@ -151,34 +160,31 @@ def test_the_sensor_depth_explains_the_photos_better_than_a_flat_or_inverted_one
     assert explained["sensor"] > 1.3 * max(explained["constant"], explained["inverted"])
 
 
-DEPTH_FINDING = (
-    "the reconstruction is tilted about the camera's horizontal axis: its depth grows down "
-    "the image (+0.70 with the row) while the sensor's falls (-0.44), so against the sensor "
-    "it correlates at about -0.45 per view and a constant depth scores as well (5.8 % "
-    "against 5.7 %): the top of the view (the box behind the castle, the tower's roof) comes "
-    "out far too near. The sensor's depth is the photos' geometry (it explains 1.5 times the "
-    "matches a constant or inverted depth explains: the test above), so the tilt is the "
-    "reconstruction's; yet bundle adjustment started from poses found against the sensor's "
-    "depth, with the calibrated lens held fixed, ends in the same tilted model (1.21 px RMS "
-    "either way), and 30 frames, quality medium, the global mapper and other initial pairs "
-    "all tilt the same way. The hand-held camera moves only 66 mm over the 30 frames, about "
-    "a fifth of the distance to the castle, but that alone does not tilt the pipeline: the "
-    "demo scene filmed along such an arc (variant 'arc', test_variants.py) gets its depth "
-    "within 0.9 %. Nor do distortion models: OPENCV or FULL_OPENCV, principal point free, "
-    "leave the sparse depth correlating at -0.26 to -0.42 with the sensor's. Nor can a "
-    "rolling shutter make frame 0's depth rise 40 % from its top rows to its bottom ones: "
-    "the camera moves at most 5 % of its path between two frames"
-)
+def depth_scores(views: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float, float]:
+    """Of (reconstructed depth, sensor depth) on the same pixels, per view: the median
+    relative error after one scale, a constant depth's (the trivial answer, one depth per
+    view at its best) on the same pixels, and the worst view's error as a share of its
+    own constant's (a reconstruction must rise and fall where the sensor does in every
+    view, which no constant can)."""
+    ratios = [truth / depth for depth, truth in views]
+    scale = np.median(np.concatenate(ratios))
+    errors = [np.abs(r / scale - 1.0) for r in ratios]
+    constants = [np.abs(truth / np.median(truth) - 1.0) for _, truth in views]
+    worst = max(float(np.median(e) / np.median(c)) for e, c in zip(errors, constants, strict=True))
+    return (
+        float(np.median(np.concatenate(errors))),
+        float(np.median(np.concatenate(constants))),
+        worst,
+    )
 
 
-@pytest.mark.xfail(strict=True, reason=DEPTH_FINDING)
 def test_depth_maps_agree_with_the_depth_sensor(
     castel: tuple[Path, dict[str, StageResult]],
 ) -> None:
     workspace, _ = castel
     maps = sorted((workspace / "stereo" / "stereo" / "depth_maps").glob("*.geometric.bin"))
     assert len(maps) == 15
-    ratios, constant, coverage, correlation = [], [], [], []
+    views, coverage = [], []
     for path in maps:
         depth = read_colmap_array(path)
         truth = sensor_depth(frame_of(path.name))
@@ -188,26 +194,16 @@ def test_depth_maps_agree_with_the_depth_sensor(
         ok = (depth > 0) & (truth > 0)
         # a depth for most of what the sensor sees in every view
         coverage.append(ok.sum() / max(1, (truth > 0).sum()))
-        ratios.append(truth[ok] / depth[ok])
-        constant.append(truth[ok])  # the trivial answer: one depth everywhere
-        correlation.append(float(np.corrcoef(depth[ok], truth[ok])[0, 1]))
+        views.append((depth[ok], truth[ok]))
     print(f"\ncoverage of the sensor's depth per view: {np.round(coverage, 3).tolist()}")
     assert min(coverage) > MIN_DEPTH_COVERAGE, coverage
-    error = np.median(relative_errors(ratios))
-    # the trivial answer, a constant depth at its best scale, on the same pixels: the scene
-    # lies at nearly one depth, so it scores about 6 %, below the absolute bar; only the
-    # ratio and the correlation tell a real reconstruction from it
-    baseline = np.median(relative_errors(constant))
-    print(
-        f"depth maps: error {error:.4f}, constant depth {baseline:.4f}, correlation {correlation}"
-    )
-    # depth must rise and fall where the sensor's does (a constant cannot)
-    assert min(correlation) > MIN_DEPTH_CORRELATION, correlation
+    error, baseline, worst = depth_scores(views)
+    print(f"depth maps: error {error:.4f}, constant depth {baseline:.4f}, worst view {worst:.2f}")
     assert error < MAX_DEPTH_MAP_ERROR, error
     assert error < MAX_DEPTH_MAP_RATIO * baseline, (error, baseline)
+    assert worst < MAX_VIEW_RATIO, worst
 
 
-@pytest.mark.xfail(strict=True, reason=DEPTH_FINDING)
 def test_mesh_agrees_with_the_depth_sensor(
     castel: tuple[Path, dict[str, StageResult]],
 ) -> None:
@@ -219,7 +215,7 @@ def test_mesh_agrees_with_the_depth_sensor(
     scene.add_triangles(o3d.t.io.read_triangle_mesh(str(workspace / "color" / "mesh.ply")))
     rows, cols = np.mgrid[0:480, 0:640]
     pixels = np.stack([cols.ravel() + 0.5, rows.ravel() + 0.5], axis=1).astype(np.float64)
-    ratios, constant, coverage, correlation = [], [], [], []
+    views, coverage = [], []
     for image in model.images.values():
         camera = model.cameras[image.camera_id]
         rays_cam = np.concatenate([camera.cam_from_img(pixels), np.ones((len(pixels), 1))], 1)
@@ -232,17 +228,14 @@ def test_mesh_agrees_with_the_depth_sensor(
         truth = sensor_depth(frame_of(image.name))
         ok = np.isfinite(depth) & (truth > 0)
         coverage.append(ok.sum() / max(1, (truth > 0).sum()))
-        ratios.append(truth[ok] / depth[ok])
-        constant.append(truth[ok])
-        correlation.append(float(np.corrcoef(depth[ok], truth[ok])[0, 1]))
+        views.append((depth[ok], truth[ok]))
     print(f"\nmesh coverage of the sensor's depth per view: {np.round(coverage, 3).tolist()}")
     assert min(coverage) > MIN_MESH_COVERAGE, coverage
-    error = np.median(relative_errors(ratios))
-    baseline = np.median(relative_errors(constant))
-    print(f"mesh: error {error:.4f}, constant depth {baseline:.4f}, correlation {correlation}")
-    assert min(correlation) > MIN_DEPTH_CORRELATION, correlation
+    error, baseline, worst = depth_scores(views)
+    print(f"mesh: error {error:.4f}, constant depth {baseline:.4f}, worst view {worst:.2f}")
     assert error < MAX_MESH_ERROR, error
     assert error < MAX_MESH_RATIO * baseline, (error, baseline)
+    assert worst < MAX_VIEW_RATIO, worst
 
 
 def test_glb_from_real_photos_loads_with_its_texture(

@@ -13,6 +13,7 @@ import open3d as o3d
 import pytest
 import trimesh
 from PIL import Image
+from scipy import ndimage
 
 from pipeline import JobSpec, PermanentError, StageContext, StageResult, run_stage
 from pipeline.evaluate import align_to_truth
@@ -389,14 +390,19 @@ def test_the_glb_passes_the_khronos_gltf_validator(
 # ---------------------------------------------------------------- real photos
 
 CASTEL_HELD_OUT = (9, 15, 21)  # odd frames: the job (tests/pipeline/conftest.py) took the even
-# Measured, 4 runs of the same job (the sparse model is the same each time; COLMAP's fusion
-# runs rows in parallel, so the cloud, the mesh and these scores move a little): textured
-# 24.00-25.78 dB against vertex colours 22.59-23.06 dB (a flat colour 13.2-13.4); mean PSNR
-# gain 2.10-2.30 dB, SSIM 0.83-0.85 against 0.75 (gain 0.081-0.087). Without the photometric
-# check (select.photometric_outliers) the textured scores were 23.1-23.2 dB.
-MIN_CASTEL_PSNR_DB = 23.8
-MIN_CASTEL_MEAN_GAIN_DB = 1.9
+# The scores are taken on the castle: what the depth sensor sees nearer than this (the
+# castle lies at 0.21-0.31 m; the box behind it, at 0.35-0.47 m, and the room stand still
+# while the castle moves, so the job leaves them out of its model).
+CASTLE_MAX_DEPTH_M = 0.33
+# Measured on the castle, 2 runs: textured 33.4-34.6 dB against vertex colours 28.9-29.8 dB (a
+# flat colour 15.7-16.1), mean PSNR gain 4.4 dB, SSIM 0.95 against 0.85-0.87 (gain
+# 0.085-0.104), 85-89 % of the castle's pixels covered. A model that kept the still
+# background (tilted, see test_real_photos.py) scored 27.5-29.2 dB there, a gain of 0.8 dB,
+# 76-78 % covered.
+MIN_CASTEL_PSNR_DB = 32.5
+MIN_CASTEL_MEAN_GAIN_DB = 3.8
 MIN_CASTEL_SSIM_GAIN = 0.07
+MIN_CASTEL_COVERAGE = 0.8
 TARGET_CASTEL_GAIN_DB = 1.5  # what the textured export must reach (issue: real textures)
 
 
@@ -408,6 +414,7 @@ def castel_held_out(
     (pipeline.localise, with the job's lens), and the scores of the textured and of the
     vertex-coloured mesh rendered from there through that lens, per frame."""
     from castel_photos import CASTEL
+    from test_real_photos import sensor_depth
 
     from pipeline.localise import localise
 
@@ -423,8 +430,11 @@ def castel_held_out(
         assert placed is not None, f"{path.name} was not placed in the job's model"
         pose = placed.cam_from_world
         K = np.asarray(placed.camera.calibration_matrix())
+        depth = sensor_depth(frame)
+        # closed: the sensor's pixels land on the photo's with gaps of a pixel between them
+        castle = ndimage.binary_closing((depth > 0) & (depth < CASTLE_MAX_DEPTH_M), iterations=2)
         scores = texturing.held_out_scores(
-            workspace, photo, K, pose[:, :3], pose[:, 3], rays=placed.rays()
+            workspace, photo, K, pose[:, :3], pose[:, 3], rays=placed.rays(), within=castle
         )
         print(f"\n{path.name} ({placed.inliers} of {placed.correspondences} inliers): {scores}")
         out[path.name] = {"placed": placed, **scores}
@@ -438,7 +448,7 @@ def test_left_out_real_photos_are_explained_better_by_the_texture(
     for name, v in castel_held_out.items():
         placed, tex, vc, flat = v["placed"], v["textured"], v["vertex_colour"], v["flat"]
         assert placed.inliers >= 0.5 * placed.correspondences, (name, placed)
-        assert tex["coverage"] >= vc["coverage"] - 0.005 > 0.5, name
+        assert tex["coverage"] >= vc["coverage"] - 0.005 > MIN_CASTEL_COVERAGE, name
         assert tex["psnr_db"] > MIN_CASTEL_PSNR_DB > flat["psnr_db"] + 5, (name, tex, flat)
         gains.append(tex["psnr_db"] - vc["psnr_db"])
         ssim_gains.append(tex["ssim"] - vc["ssim"])

@@ -59,6 +59,8 @@ def run_variant(root: Path, variant: str, *, dense: bool = True) -> dict[str, An
         "registered": int(mapping["registered"]),
         "total": int(mapping["total"]),
         "models": int(mapping["models"]),
+        "pairs": int(results["matching"].metrics["pairs"]),
+        "still_background_pairs": int(results["matching"].metrics["still_background_pairs"]),
         "keypoints_median": int(np.median(keypoints)),
         "centre_error_max": float(errors.max() / info["scene_size"]),
         "centre_error_mean": float(errors.mean() / info["scene_size"]),

@@ -14,10 +14,15 @@ from scipy import ndimage
 from pipeline.stages.texture.render import STAGE, load_textured, render
 
 
-def image_scores(photo: np.ndarray, rendered: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+def image_scores(
+    photo: np.ndarray, rendered: np.ndarray, mask: np.ndarray, within: np.ndarray | None = None
+) -> dict[str, float]:
     """PSNR (dB) after one least-squares gain per channel, SSIM (grey, Gaussian window,
     over the covered pixels) and coverage of `rendered` against `photo`, both (h, w, 3)
-    in [0, 1]; `mask` marks the pixels the mesh covers."""
+    in [0, 1]; `mask` marks the pixels the mesh covers. `within` (h, w) limits the scores
+    to the subject's pixels, and coverage is then the share of those the mesh covers."""
+    if within is not None:
+        mask = mask & within
     if not mask.any():
         return {"psnr_db": 0.0, "ssim": 0.0, "coverage": 0.0}
     p, r = photo[mask].astype(np.float64), rendered[mask].astype(np.float64)
@@ -40,7 +45,7 @@ def image_scores(photo: np.ndarray, rendered: np.ndarray, mask: np.ndarray) -> d
     return {
         "psnr_db": round(psnr, 3),
         "ssim": round(float(ssim[inner].mean()) if inner.any() else 0.0, 4),
-        "coverage": round(float(mask.mean()), 4),
+        "coverage": round(float(mask.sum() / (mask.size if within is None else within.sum())), 4),
     }
 
 
@@ -57,12 +62,14 @@ def held_out_scores(
     to_frame: Callable[[np.ndarray], np.ndarray] = lambda p: p,
     renders: dict[str, np.ndarray] | None = None,
     rays: np.ndarray | None = None,
+    within: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
     """Scores of the textured mesh, the vertex-coloured mesh and a flat mean colour,
     rendered from a camera the job never saw (K, R, t in the frame `to_frame` maps the
     model's coordinates to) against that camera's photo (h, w, 3) in [0, 1]. `renders`,
     if given, receives the two renderings ("textured", "vertex_colour"); `rays`
-    (h, w, 6) replace the pinhole camera's, for a photo with lens distortion."""
+    (h, w, 6) replace the pinhole camera's, for a photo with lens distortion; `within`
+    (h, w) limits the scores to the subject's pixels (see image_scores)."""
     h, w = photo.shape[:2]
     mesh, texture = load_textured(workspace / STAGE)
     tex_rgb, tex_mask = render(
@@ -89,11 +96,12 @@ def held_out_scores(
         vertex_colours=np.asarray(coloured.vertex_colors),
         rays=rays,
     )
-    flat = np.broadcast_to(photo[vc_mask].mean(axis=0), photo.shape)
+    subject = vc_mask if within is None else vc_mask & within
+    flat = np.broadcast_to(photo[subject].mean(axis=0), photo.shape)
     if renders is not None:
         renders["textured"], renders["vertex_colour"] = tex_rgb, vc_rgb
     return {
-        "textured": image_scores(photo, tex_rgb, tex_mask),
-        "vertex_colour": image_scores(photo, vc_rgb, vc_mask),
-        "flat": image_scores(photo, np.asarray(flat), vc_mask),
+        "textured": image_scores(photo, tex_rgb, tex_mask, within),
+        "vertex_colour": image_scores(photo, vc_rgb, vc_mask, within),
+        "flat": image_scores(photo, np.asarray(flat), vc_mask, within),
     }
