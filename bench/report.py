@@ -464,7 +464,7 @@ ISSUE_6 = (
     "issue 6 (benchmarks): users pick a photogrammetry tool by how long they wait, "
     "against what they would otherwise run"
 )
-ISSUE_12 = "issue 12 (open; fast on real photos)"
+ISSUE_12 = "issue 12 (fast on real photos)"
 
 TARGETS: tuple[Target, ...] = (
     Target(
