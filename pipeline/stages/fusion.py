@@ -3,6 +3,11 @@
 Runs `pycolmap.stereo_fusion` on the dense workspace that `stereo` published and writes
 `<ws>/fusion/fused.ply` (binary PLY with normals and colours). A cloud too small to mesh
 is a PermanentError: Poisson meshing crashes on an empty cloud, so it is never reached.
+
+Photos taken by a fixed camera of a subject that moved (matching's `fixed_camera`) are
+fused through masks of the background that stood still (`<ws>/fusion/masks`, see _still):
+its depth, taken each time from where the camera was in the subject's frame, would
+otherwise leave fragments round the subject.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from pipeline.context import StageContext, StageResult
 from pipeline.errors import Cancelled, PermanentError, TransientError
 from pipeline.stages._common import (
     FUSED_CLOUD,
+    MATCHING_DB,
     STEREO_WORKSPACE,
     Timer,
     call_cancellable,
     require,
     thread_count,
 )
+from pipeline.stages._still import background_masks
 from pipeline.stages._workspace import building, finished, read_metrics, record
 
 NAME = "fusion"
@@ -87,9 +94,18 @@ def run(ctx: StageContext) -> StageResult:
     timer = Timer()
     stereo = read_metrics(ctx.workspace, STEREO_WORKSPACE[0])
     device = str(stereo.get("device") or "cpu")
-    ctx.progress(0.0, "fusing depth maps")
     with building(ctx, NAME) as out:
         options = fusion_options(str(stereo.get("engine", "")), thread_count(ctx))
+        masked = None
+        if read_metrics(ctx.workspace, MATCHING_DB[0]).get("fixed_camera"):
+            ctx.progress(0.0, "masking the background that stood still")
+            shares = background_masks(
+                require(ctx, MATCHING_DB), dense_workspace / "sparse", out / "masks"
+            )
+            options.mask_path = str(out / "masks")
+            masked = round(float(np.median(list(shares.values()))), 3)
+            ctx.log.info("fusion: the still background masked, %.0f %% of a photo", 100 * masked)
+        ctx.progress(0.0, "fusing depth maps")
         fused = out / FUSED_CLOUD[-1]
         fuse(ctx, dense_workspace, fused, options)
         pts = read_points(fused)
@@ -105,6 +121,8 @@ def run(ctx: StageContext) -> StageResult:
             "bbox_p01_p99": [lo.round(4).tolist(), hi.round(4).tolist()],
             "max_normal_error": options.max_normal_error,
             "min_num_pixels": options.min_num_pixels,
+            # the median share of a photo masked as still background; None: no mask
+            "background_masked": masked,
             "seconds": timer.seconds,
         }
         result = record(out, StageResult(metrics=metrics, device=device))

@@ -37,7 +37,8 @@ pairs guided took 60 % of the stage: WELL_CONNECTED spares that.
 
 Photos of a subject moved before a fixed camera (a turntable) show a background that
 stands still; when a quarter of the verified pairs show one, every pair is verified again
-without the matches that do not move (pipeline/stages/_still.py), and a note says so.
+without the matches that do not move (pipeline/stages/_still.py), and a note says so;
+the metric `fixed_camera` tells fusion to leave that background out too.
 """
 
 from __future__ import annotations
@@ -465,7 +466,7 @@ def run(ctx: StageContext) -> StageResult:
         chosen = select_pairs(ctx, settings.matcher, db_path, tmp)
         _write_pairs(tmp / "pairs.txt", chosen.pairs)
         guided = match_pairs(ctx, settings, db_path, chosen.pairs, dev)
-        still = leave_out_still_background(ctx, db_path, chosen.notes)
+        still, fixed_camera = leave_out_still_background(ctx, db_path, chosen.notes)
         verified = count_verified(db_path)
         if verified == 0:
             raise PermanentError(
@@ -483,6 +484,7 @@ def run(ctx: StageContext) -> StageResult:
                 "guided_matching": settings.guided_matching,
                 "guided_pairs": len(guided),
                 "still_background_pairs": still,
+                "fixed_camera": fixed_camera,
                 "notes": chosen.notes,
                 "seconds": timer.seconds,
             },
@@ -492,12 +494,15 @@ def run(ctx: StageContext) -> StageResult:
     return result
 
 
-def leave_out_still_background(ctx: StageContext, db_path: Path, notes: list[str]) -> int:
+def leave_out_still_background(
+    ctx: StageContext, db_path: Path, notes: list[str]
+) -> tuple[int, bool]:
     """Photos of a subject moved before a fixed camera: verify every pair again without the
-    matches on the background that stood still (see _still). The pairs that showed one."""
+    matches on the background that stood still (see _still). The pairs that showed one,
+    and whether the photos were taken so."""
     still, counted = still_pairs(db_path)
     if not counted or still < STILL_PAIRS * counted:
-        return still
+        return still, False
     ctx.progress(1.0, f"the background stands still in {still} of {counted} pairs")
     before, after = verify_without_still(db_path)
     notes.append(
@@ -506,7 +511,7 @@ def leave_out_still_background(ctx: StageContext, db_path: Path, notes: list[str
         f"still, {after} of {before} inliers remain"
     )
     ctx.log.warning("matching: %s", notes[-1])
-    return still
+    return still, True
 
 
 def _write_pairs(path: Path, pairs: list[tuple[str, str]]) -> None:

@@ -75,6 +75,8 @@ def run_variant(root: Path, variant: str, *, dense: bool = True) -> dict[str, An
     if dense:
         args = (workspace / "color" / "mesh.ply", scene / "ground_truth")
         sparse = workspace / "undistort" / "sparse"
+        # the median share of a photo fusion left out as still background (None: none)
+        out["background_masked"] = results["fusion"].metrics["background_masked"]
         out["scene_fscore"] = evaluate(*args, sparse, samples=100_000).to_json()["fscore"]
         obj = evaluate_object(*args, sparse, samples=100_000).to_json()
         out["object"] = {k: obj[k] for k in ("precision", "recall", "fscore", "threshold")}

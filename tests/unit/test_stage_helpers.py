@@ -1,5 +1,5 @@
-"""The helpers every stage shares (pipeline/stages/_common.py) and the CPU stereo
-engine's thread pool."""
+"""The helpers every stage shares (pipeline/stages/_common.py), the CPU stereo
+engine's thread pool and the still background's masks (pipeline/stages/_still.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pipeline.stages._common import (
     require,
     thread_count,
 )
+from pipeline.stages._still import background_mask
 from pipeline.stages.stereo.cpu import parallel
 
 
@@ -93,3 +94,17 @@ def test_guided_matching_keeps_the_largest_keypoints() -> None:
     assert set(kept) == set(np.argsort(-scale)[:100])
     assert list(largest_keypoints(rows, 500)) == list(range(500))
     assert list(largest_keypoints(rows[:3], 100)) == [0, 1, 2]
+
+
+def test_background_mask_follows_the_nearest_keypoint() -> None:
+    rng = np.random.default_rng(0)
+    still = rng.uniform([0, 0], [40, 60], (50, 2))  # a wall on the left
+    subject = rng.uniform([60, 0], [100, 60], (50, 2))  # the subject on the right
+    lone = np.array([[90.0, 30.0]])  # a still keypoint among the subject's
+    mask = background_mask(np.vstack([still, lone]), subject, 100, 60)
+    assert mask.shape == (60, 100)
+    assert mask[:, :40].all() and not mask[:, 60:75].any()
+    # the lone keypoint masks only what lies nearer to it than to the subject's
+    assert mask[30, 90] and 0 < mask[:, 60:].mean() < 0.05
+    assert not background_mask(np.zeros((0, 2)), subject, 100, 60).any()
+    assert background_mask(still, np.zeros((0, 2)), 100, 60).all()
