@@ -508,7 +508,7 @@ def leave_out_still_background(
     notes.append(
         f"the background stood still in {still} of {counted} pairs of photos (a fixed "
         f"camera, the subject moving): verified again without the matches that stand "
-        f"still, {after} of {before} inliers remain"
+        f"still, {after} of {before} inliers remain; fusion leaves that background out"
     )
     ctx.log.warning("matching: %s", notes[-1])
     return still, True
