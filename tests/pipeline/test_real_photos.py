@@ -56,8 +56,9 @@ MAX_VIEW_RATIO = 0.45
 MIN_DEPTH_COVERAGE = 0.45
 MIN_CASTLE_COVERAGE = 0.8
 # Share of the background's sensor pixels (the box and the room, behind the castle) that the
-# mesh covers, in the worst view: 0.19 (fusion masks the background that stood still);
-# without the masks 0.45, its depth fused where the camera was in the castle's frame.
+# mesh covers, in the worst view: 0.19 (fusion masks the background that stood still; what
+# is left lies beside the tower, behind the castle's top, not on the box); without the
+# masks 0.45, fragments of the box fused where the camera was in the castle's frame.
 MAX_BACKGROUND_COVERAGE = 0.25
 
 
