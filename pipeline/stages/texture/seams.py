@@ -10,6 +10,8 @@ from scipy import sparse
 
 from pipeline.stages.texture.views import View, bilinear
 
+# a seam vertex's colour in a photo: the mean at its projection and a pixel to each side
+_AROUND = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]], np.float64)
 GAIN_REGULARISER = 0.05
 
 
@@ -70,10 +72,8 @@ def level_seams(
     for k in np.unique(vl[:, 1]):
         sel = np.flatnonzero(vl[:, 1] == k)
         xy, _ = views[k].project(vertices[vl[sel, 0]])
-        acc = np.zeros((len(sel), 3))
-        for dx, dy in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)):
-            acc += bilinear(images[int(k)], xy + np.array([dx, dy]))
-        sample[sel] = acc / 5.0
+        around = (xy[None] + _AROUND[:, None]).reshape(-1, 2)
+        sample[sel] = bilinear(images[int(k)], around).reshape(len(_AROUND), -1, 3).mean(axis=0)
     # global: pairs of photos at the same vertex
     start = np.searchsorted(vl[:, 0], np.unique(vl[:, 0]))
     end = np.append(start[1:], len(vl))

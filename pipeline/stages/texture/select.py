@@ -54,55 +54,74 @@ class Seen(NamedTuple):
         return Seen(self.faces[keep], self.score[keep], self.colour[keep])
 
 
+class Surface(NamedTuple):
+    """The mesh as every photo's visibility test needs it, built once for all photos."""
+
+    vertices: np.ndarray  # (n, 3)
+    faces: np.ndarray  # (m, 3)
+    corners: np.ndarray  # (m, 3, 3)
+    centres: np.ndarray  # (m, 3)
+    normals: np.ndarray  # (m, 3) unit face normals
+    scene: o3d.t.geometry.RaycastingScene
+    tolerance: float  # a ray that stops this short of its point still reaches it
+
+    @classmethod
+    def of(cls, vertices: np.ndarray, faces: np.ndarray) -> Surface:
+        corners = vertices[faces]
+        normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+        normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-18)
+        scene = o3d.t.geometry.RaycastingScene()
+        scene.add_triangles(
+            o3d.core.Tensor.from_numpy(np.ascontiguousarray(vertices.astype(np.float32))),
+            o3d.core.Tensor.from_numpy(np.ascontiguousarray(faces.astype(np.uint32))),
+        )
+        diag = float(np.linalg.norm(vertices.max(axis=0) - vertices.min(axis=0)))
+        return cls(vertices, faces, corners, corners.mean(axis=1), normals, scene, 1e-3 * diag)
+
+
 def face_visibility(
-    view: View,
-    vertices: np.ndarray,
-    faces: np.ndarray,
-    normals: np.ndarray,
-    scene: o3d.t.geometry.RaycastingScene,
-    image: np.ndarray,
-    gradient: np.ndarray,
-    tolerance: float,
+    view: View, surface: Surface, image: np.ndarray, gradient: np.ndarray, threads: int = 1
 ) -> Seen:
-    """What `view` (its photo `image`, whose gradient magnitude is `gradient`) sees."""
-    xy, z = view.project(vertices)
-    tri_xy = xy[faces]  # (m, 3, 2)
-    tri_z = z[faces]
-    inside = (
-        (tri_z > 1e-6).all(axis=1)
-        & (tri_xy[..., 0] >= 0.5).all(axis=1)
-        & (tri_xy[..., 0] <= view.width - 0.5).all(axis=1)
-        & (tri_xy[..., 1] >= 0.5).all(axis=1)
-        & (tri_xy[..., 1] <= view.height - 0.5).all(axis=1)
+    """What `view` (its photo `image`, whose gradient magnitude is `gradient`) sees; the
+    rays are cast on `threads` threads."""
+    xy, z = view.project(surface.vertices)
+    in_view = (
+        (z > 1e-6)
+        & (xy[:, 0] >= 0.5)
+        & (xy[:, 0] <= view.width - 0.5)
+        & (xy[:, 1] >= 0.5)
+        & (xy[:, 1] <= view.height - 0.5)
     )
-    corners = vertices[faces]  # (m, 3, 3)
-    centres = corners.mean(axis=1)
-    to_cam = view.centre - centres
+    to_cam = view.centre - surface.centres
     dist = np.linalg.norm(to_cam, axis=1)
-    cos = np.einsum("ij,ij->i", normals, to_cam) / np.maximum(dist, 1e-12)
-    cand = np.flatnonzero(inside & (cos > MIN_COS))
+    cos = np.einsum("ij,ij->i", surface.normals, to_cam) / np.maximum(dist, 1e-12)
+    cand = np.flatnonzero(in_view[surface.faces].all(axis=1) & (cos > MIN_COS))
     if len(cand) == 0:
         return Seen(cand, np.zeros(0), np.zeros((0, 3)))
-    c = centres[cand]
+    c = surface.centres[cand]
     samples = np.concatenate(
-        [c[:, None, :], c[:, None, :] + _RAY_SHRINK * (corners[cand] - c[:, None, :])], axis=1
+        [c[:, None, :], c[:, None, :] + _RAY_SHRINK * (surface.corners[cand] - c[:, None, :])],
+        axis=1,
     )  # (k, 4, 3)
-    pts = samples.reshape(-1, 3)
-    d = pts - view.centre
-    length = np.linalg.norm(d, axis=1)
-    rays = np.concatenate([np.broadcast_to(view.centre, d.shape), d / length[:, None]], axis=1)
-    hit = scene.cast_rays(
-        o3d.core.Tensor.from_numpy(np.ascontiguousarray(rays.astype(np.float32))), nthreads=1
+    d = samples.reshape(-1, 3) - view.centre
+    length = np.linalg.norm(d, axis=1, keepdims=True)
+    # a ray from the camera to each sample, stopping `tolerance` short of it (t = 1 there)
+    rays = np.concatenate(
+        [np.broadcast_to(view.centre, d.shape), d * (1.0 - surface.tolerance / length)], axis=1
     )
-    t_hit = hit["t_hit"].numpy().reshape(-1, 4)
-    unoccluded = (t_hit >= length.reshape(-1, 4) - tolerance).all(axis=1)
-    seen = cand[unoccluded]
-    txy = tri_xy[seen]
+    occluded = surface.scene.test_occlusions(
+        o3d.core.Tensor.from_numpy(np.ascontiguousarray(rays, dtype=np.float32)),
+        tfar=1.0,
+        nthreads=threads,
+    )
+    seen = cand[~occluded.numpy().reshape(-1, 4).any(axis=1)]
+    txy = xy[surface.faces[seen]]  # (k, 3, 2)
     area = 0.5 * np.abs(
         (txy[:, 1, 0] - txy[:, 0, 0]) * (txy[:, 2, 1] - txy[:, 0, 1])
         - (txy[:, 2, 0] - txy[:, 0, 0]) * (txy[:, 1, 1] - txy[:, 0, 1])
     )
-    sample_xy = np.einsum("sk,mkd->msd", _SAMPLES, txy).reshape(-1, 2)
+    # (optimize: numpy's plain einsum loop takes 20 times as long here)
+    sample_xy = np.einsum("sk,mkd->msd", _SAMPLES, txy, optimize=True).reshape(-1, 2)
     grad = bilinear(gradient, sample_xy).reshape(len(seen), len(_SAMPLES)).mean(axis=1)
     colour = bilinear(image, sample_xy).reshape(len(seen), len(_SAMPLES), 3).mean(axis=1)
     return Seen(seen, area * (grad + GRAD_FLOOR), colour)
