@@ -29,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pycolmap
+from PIL import Image
 
 from pipeline.stages._common import RANDOM_SEED
 
@@ -166,6 +167,7 @@ def background_masks(db_path: Path, model_dir: Path, out: Path) -> dict[str, flo
         placed = np.array([p.has_point3D() for p in image.points2D], bool)
         background = still[image.name] & ~placed
         mask = background_mask(xy[background], xy[placed], camera.width, camera.height)
-        cv2.imwrite(str(out / f"{image.name}.png"), np.where(mask, 0, 255).astype(np.uint8))
+        # PIL, not cv2.imwrite, which returns False on a full disk instead of raising
+        Image.fromarray(np.where(mask, 0, 255).astype(np.uint8)).save(out / f"{image.name}.png")
         shares[image.name] = float(mask.mean())
     return shares
